@@ -1,0 +1,398 @@
+"""N:M sparsity for any nn.Module: masks, the sparse linear layer (STE + SLoRB), SR-STE, and the swap.
+
+Nothing here knows about GPT-2 except the default filter's layer names. The contract with the rest of the
+project: a SparseLinear keeps its dense fp32 weight W and a bool buffer `mask` M; its forward uses W ⊙ M and
+hands the gradient of W ⊙ M to all of W (straight-through); masks are recomputed from scores on demand.
+"""
+import contextlib
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METRICS = ("magnitude", "wanda")
+MASK_TYPES = ("structured", "unstructured", "unstructured_layer")
+SLORB_INITS = ("mean", "sum", "xavier", "zero")
+GPT2_BLOCK_LINEARS = re.compile(r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def check_pattern(n: int, m: int, in_features: int = None):
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+        raise ValueError(f"invalid N:M pattern {n}:{m}: need 0 < N <= M (e.g. 2:4)")
+    if in_features is not None and in_features % m != 0:
+        raise ValueError(f"input dimension {in_features} is not divisible by M={m}")
+
+
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the k largest entries along the last dim; ties go to the lower index."""
+    # A stable descending sort keeps equal scores in index order, so the lower index wins a tie.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(-1, order[..., :k], True)
+
+
+def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M mask: in every group of m consecutive elements along the last (input) dim, keep the n largest."""
+    check_pattern(n, m, scores.shape[-1])
+    groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    return _keep_top(groups, n).reshape(scores.shape)
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
+    """Keep the largest (1 - sparsity) fraction per output row (scope='row', the published meaning) or per layer."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope == "row":
+        return _keep_top(scores, scores.shape[-1] - int(round(scores.shape[-1] * sparsity)))
+    if scope == "layer":
+        flat = scores.reshape(-1)
+        return _keep_top(flat, flat.numel() - int(round(flat.numel() * sparsity))).reshape(scores.shape)
+    raise ValueError(f"unknown scope {scope!r}: choose row or layer")
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.abs()
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda: |W_ij| * ||X_j||_2, with ||X_j||_2 the L2 norm of input channel j over the calibration tokens."""
+    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(0)
+
+
+def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
+    """Number of groups of m consecutive inputs holding more than n non-zeros (0 means the tensor is N:M)."""
+    check_pattern(n, m, weight.shape[-1])
+    nonzero = (weight != 0).reshape(-1, m).sum(-1)
+    return int((nonzero > n).sum())
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """W ⊙ M forward; backward hands the gradient of W ⊙ M to every entry of W (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# ----------------------------------------------------------------------------------------------- layer
+class SparseLinear(nn.Linear):
+    """nn.Linear with a bool mask buffer and an optional SLoRB low-rank residual.
+
+    y = x (W ⊙ M)ᵀ + b [+ (x Xᵀ) Sᵀ with SLoRB], X: (in/k, in) projection, S: (out, in/k).
+    `sparse = False` gives the dense forward (used for calibration and as a sanity switch).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, n=2, m=4, metric="magnitude",
+                 mask_type="structured", sparsity=0.5, slorb_k=0, slorb_init="mean", trainable_projection=False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if metric not in METRICS:
+            raise ValueError(f"unknown mask metric {metric!r}: choose one of {', '.join(METRICS)}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"unknown mask type {mask_type!r}: choose one of {', '.join(MASK_TYPES)}")
+        if mask_type == "structured":
+            check_pattern(n, m, in_features)
+        self.n, self.m, self.metric, self.mask_type, self.sparsity = n, m, metric, mask_type, sparsity
+        self.sparse = True
+        full = torch.ones(out_features, in_features, dtype=torch.bool, device=device)
+        self.register_buffer("mask", full)
+        self.register_buffer("init_mask", full.clone())
+        # Sum over calibration tokens of x_j², filled by collect_input_norms(); Wanda's ||X_j||² (not trained).
+        self.register_buffer("input_sq", torch.zeros(in_features, dtype=torch.float32, device=device))
+        self.slorb_k, self.slorb_init, self.trainable_projection = slorb_k, slorb_init, trainable_projection
+        self.slorb_S = None
+        self.register_buffer("slorb_X", None)
+        if slorb_k:
+            if slorb_init not in SLORB_INITS:
+                raise ValueError(f"unknown SLoRB init {slorb_init!r}: choose one of {', '.join(SLORB_INITS)}")
+            if in_features % slorb_k:
+                raise ValueError(f"SLoRB k={slorb_k} does not divide the input dimension {in_features}")
+            groups = in_features // slorb_k
+            self.slorb_S = nn.Parameter(torch.zeros(out_features, groups, device=device, dtype=dtype))
+            # The projection exists as a tensor only when it is trained or not a block indicator (xavier);
+            # a fixed indicator is applied as a reshape-and-sum, which is cheaper than a GEMM.
+            if trainable_projection or slorb_init == "xavier":
+                X = block_indicator(groups, slorb_k, device=device, dtype=dtype)
+                if trainable_projection:
+                    del self._buffers["slorb_X"]
+                    self.slorb_X = nn.Parameter(X)
+                else:
+                    self.slorb_X = X
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs):
+        """Wrap an existing nn.Linear, reusing its weight and bias Parameters (no copy)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def extra_repr(self):
+        pattern = f"{self.n}:{self.m}" if self.mask_type == "structured" else f"{self.mask_type} {self.sparsity}"
+        s = f"{super().extra_repr()}, {pattern}, metric={self.metric}"
+        return s + (f", SLoRB k={self.slorb_k}" if self.slorb_k else "")
+
+    def effective_weight(self):
+        return self.weight * self.mask if self.sparse else self.weight
+
+    def forward(self, x):
+        w = _MaskedWeight.apply(self.weight, self.mask) if self.sparse else self.weight
+        y = F.linear(x, w, self.bias)
+        if self.slorb_S is not None:
+            y = y + F.linear(self.slorb_project(x), self.slorb_S)
+        return y
+
+    def slorb_project(self, x):
+        """x Xᵀ: the sum of each group of k consecutive inputs (or the learned projection)."""
+        if self.slorb_X is not None:
+            return F.linear(x, self.slorb_X)
+        return x.reshape(*x.shape[:-1], -1, self.slorb_k).sum(-1)
+
+    def slorb_delta(self):
+        """ΔW = S X, the dense (out, in) weight SLoRB adds; zeros without SLoRB."""
+        if self.slorb_S is None:
+            return torch.zeros_like(self.weight)
+        X = self.slorb_X if self.slorb_X is not None else block_indicator(
+            self.in_features // self.slorb_k, self.slorb_k, device=self.weight.device, dtype=self.weight.dtype)
+        return self.slorb_S @ X
+
+    # -- masks
+    def scores(self):
+        w = self.weight.detach().float()
+        if self.metric == "wanda":
+            if not bool(self.input_sq.any()):
+                raise RuntimeError("Wanda scores need input statistics: run calibration under "
+                                   "collect_input_norms(model) first")
+            return wanda_scores(w, self.input_sq.sqrt())
+        return magnitude_scores(w)
+
+    @torch.no_grad()
+    def compute_mask(self):
+        s = self.scores()
+        if self.mask_type == "structured":
+            return nm_mask(s, self.n, self.m)
+        return unstructured_mask(s, self.sparsity, "row" if self.mask_type == "unstructured" else "layer")
+
+    @torch.no_grad()
+    def init_mask_and_slorb(self):
+        """Set the initial mask from the current weights, then initialise SLoRB from the pruned weights."""
+        self.mask.copy_(self.compute_mask())
+        self.init_mask.copy_(self.mask)
+        if self.slorb_S is not None:
+            self.reset_slorb()
+
+    @torch.no_grad()
+    def reset_slorb(self):
+        groups, k = self.in_features // self.slorb_k, self.slorb_k
+        pruned = (self.weight * ~self.init_mask).reshape(self.out_features, groups, k).sum(-1)
+        if self.slorb_init == "mean":  # each group's weight sum equals the dense sum
+            self.slorb_S.copy_(pruned / k)
+        elif self.slorb_init == "sum":
+            self.slorb_S.copy_(pruned)
+        else:
+            self.slorb_S.zero_()
+        if self.slorb_X is not None:
+            if self.slorb_init == "xavier":
+                nn.init.xavier_uniform_(self.slorb_X)
+            else:
+                self.slorb_X.copy_(block_indicator(groups, k, device=self.slorb_X.device, dtype=self.slorb_X.dtype))
+
+    @torch.no_grad()
+    def update_mask(self, mask=None):
+        """Recompute the mask (or set the given one); returns (flipped since last, flipped since initial) tensors."""
+        new = self.compute_mask() if mask is None else mask.to(torch.bool)
+        flipped = (new != self.mask).sum()
+        since_init = (new != self.init_mask).sum()
+        self.mask.copy_(new)
+        return flipped, since_init
+
+
+def block_indicator(groups, k, device=None, dtype=None):
+    """(groups, groups*k) matrix whose row i sums inputs [i*k, (i+1)*k): SLoRB's initial projection X."""
+    eye = torch.eye(groups, device=device, dtype=dtype or torch.float32)
+    return eye.repeat_interleave(k, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------- model level
+def sparse_layers(model: nn.Module):
+    """(name, SparseLinear) pairs of a model, in module order."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
+
+
+def gpt2_block_linears(name: str, module: nn.Module) -> bool:
+    """Default filter: the four linears of each GPT-2 block (never embeddings or lm_head)."""
+    return isinstance(module, nn.Linear) and bool(GPT2_BLOCK_LINEARS.search(name))
+
+
+def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_block_linears,
+             mask_type="structured", sparsity=0.5, slorb_k=0, slorb_init="mean", trainable_projection=False,
+             calibrate=None, init_masks=True):
+    """Swap every nn.Linear selected by filter_fn(name, module) for a SparseLinear, in place.
+
+    With init_masks, masks are set from the current weights right away; Wanda needs `calibrate`, a function
+    calibrate(model) that runs forward passes over calibration data (masks are off while it runs, so the
+    statistics come from the dense model). Returns the list of swapped names.
+    """
+    chosen = [(name, mod) for name, mod in model.named_modules()
+              if type(mod) is nn.Linear and filter_fn(name, mod)]
+    if not chosen:
+        raise ValueError("no nn.Linear matched the filter; pass filter_fn=lambda name, module: ... for this model")
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparseLinear.from_linear(
+            linear, n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity, slorb_k=slorb_k,
+            slorb_init=slorb_init, trainable_projection=trainable_projection))
+    if init_masks:
+        if metric == "wanda":
+            if calibrate is None:
+                raise ValueError("metric='wanda' needs calibrate=fn(model) that runs the calibration data")
+            with collect_input_norms(model):
+                calibrate(model)
+        for _, layer in sparse_layers(model):
+            layer.init_mask_and_slorb()
+    return [name for name, _ in chosen]
+
+
+@contextlib.contextmanager
+def dense_forward(model: nn.Module):
+    """Temporarily run every SparseLinear densely (W instead of W ⊙ M)."""
+    layers = [layer for _, layer in sparse_layers(model)]
+    saved = [layer.sparse for layer in layers]
+    for layer in layers:
+        layer.sparse = False
+    try:
+        yield model
+    finally:
+        for layer, s in zip(layers, saved):
+            layer.sparse = s
+
+
+@contextlib.contextmanager
+def collect_input_norms(model: nn.Module):
+    """Reset and accumulate Σ x_j² of every SparseLinear's input through forward hooks, on the dense model.
+
+    A fused QKV projection is one layer, so Q, K and V share one statistic, as in Wanda.
+    """
+    def hook(layer, inputs):
+        x = inputs[0].detach()
+        layer.input_sq += x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+
+    layers = [layer for _, layer in sparse_layers(model)]
+    handles = []
+    for layer in layers:
+        layer.input_sq.zero_()
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        with dense_forward(model), torch.no_grad():
+            yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def update_masks(model: nn.Module):
+    """Recompute every mask from the current weights. Returns (flip_ratio, flip_ratio_since_initial)."""
+    flipped = since_init = 0
+    total = 0
+    for _, layer in sparse_layers(model):
+        f, s = layer.update_mask()
+        flipped, since_init, total = flipped + f, since_init + s, total + layer.mask.numel()
+    if total == 0:
+        return 0.0, 0.0
+    return float(flipped) / total, float(since_init) / total  # one host sync for all layers
+
+
+@torch.no_grad()
+def check_nm(model: nn.Module, n=None, m=None):
+    """Verify every structured sparse layer's effective weight W ⊙ M is exactly N:M (n kept per group).
+
+    Returns (ok, rows); rows hold each layer's name, pattern, sparsity of the effective weight and verdict.
+    n, m default to each layer's own pattern.
+    """
+    rows, ok = [], True
+    for name, layer in sparse_layers(model):
+        w = layer.effective_weight()
+        row = {"layer": name, "sparsity": float((w == 0).float().mean()), "mask_type": layer.mask_type}
+        if layer.mask_type == "structured":
+            ln, lm = n or layer.n, m or layer.m
+            kept = layer.mask.reshape(-1, lm).sum(-1)
+            row["pattern"] = f"{ln}:{lm}"
+            row["nm_ok"] = bool((kept == ln).all()) and nm_violations(w, ln, lm) == 0
+            ok = ok and row["nm_ok"]
+        rows.append(row)
+    return ok, rows
+
+
+# ----------------------------------------------------------------------------------------------- SR-STE
+def srste_lambda(step: int, srste_decay: float, increase_step: int) -> float:
+    """Annealed SR-STE strength: linear ramp 0 → srste_decay over increase_step steps, then constant."""
+    if increase_step <= 0 or step >= increase_step:
+        return srste_decay
+    return srste_decay * step / increase_step
+
+
+class SRSTEAdamW(torch.optim.Optimizer):
+    """AdamW with the SR-STE decay d = λ · (¬M ⊙ W) on the weights of sparse layers.
+
+    variant='paper' (AST): the first moment m tracks the loss gradient only; u = m̂ + d; the second moment
+    is built from u²; the step is u / (sqrt(v̂) + eps). variant='classic' (SR-STE): d is added to the
+    gradient, then standard AdamW. Parameters without a mask get plain AdamW either way. λ lives in each
+    param group as 'srste_lambda' (set it every step, as the LR). Decoupled weight decay as in AdamW.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, variant="paper",
+                 masked_modules=()):
+        if variant not in ("paper", "classic"):
+            raise ValueError(f"unknown SR-STE optimizer variant {variant!r}: choose paper or classic")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, srste_lambda=0.0)
+        super().__init__(params, defaults)
+        self.variant = variant
+        # weight Parameter -> the module whose `mask` buffer belongs to it (read at every step: masks change)
+        self._owner = {layer.weight: layer for layer in masked_modules}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group["srste_lambda"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+                owner = self._owner.get(p)
+                decay = p * ~owner.mask * lam if (owner is not None and lam != 0) else None
+                grad = p.grad
+                if decay is not None and self.variant == "classic":
+                    grad = grad + decay
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                m.lerp_(grad, 1 - beta1)
+                if owner is not None and self.variant == "paper":
+                    u = m / bc1 if decay is None else m / bc1 + decay
+                    v.mul_(beta2).addcmul_(u, u, value=1 - beta2)
+                    p.addcdiv_(u, (v / bc2).sqrt_().add_(eps), value=-lr)
+                else:
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    p.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
+        return loss
