@@ -41,6 +41,42 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     return _keep_top(groups, n).reshape(scores.shape)
 
 
+def partial_nm_mask(scores: torch.Tensor, n: int, m: int, fraction: float) -> torch.Tensor:
+    """Prune only `fraction` of what the N:M mask prunes: the lowest-scoring of those weights in the tensor.
+
+    fraction 0 keeps everything, 1 is exactly nm_mask; in between, every group still keeps at least n
+    (the gradual and iterative magnitude pruning baselines ramp it from 0 to 1).
+    """
+    full = nm_mask(scores, n, m)
+    if fraction >= 1.0:
+        return full
+    k = int(round(fraction * int((~full).sum())))
+    mask = torch.ones_like(full)
+    if k > 0:
+        candidates = scores.masked_fill(full, float("inf")).reshape(-1)
+        lowest = torch.sort(candidates, stable=True).indices[:k]
+        mask.view(-1)[lowest] = False
+    return mask
+
+
+def pruning_fraction(step: int, schedule: str, start: int, end: int, rounds: int = 1) -> float:
+    """Fraction of the N:M-pruned weights that the GMP/IMP baselines have pruned after `step` steps.
+
+    gradual (Zhu & Gupta): 1 - (1 - p)^3 with p = (step - start) / (end - start), clipped to [0, 1].
+    iterative: r / rounds after the r-th of `rounds` equally spaced pruning steps (the last at `end`).
+    """
+    if schedule == "gradual":
+        p = min(max((step - start) / (end - start), 0.0), 1.0)
+        return 1.0 - (1.0 - p) ** 3
+    if schedule == "iterative":
+        if rounds == 1:
+            return 1.0 if step >= end else 0.0
+        spacing = (end - start) / (rounds - 1)
+        done = sum(1 for r in range(rounds) if step >= start + round(r * spacing))
+        return done / rounds
+    raise ValueError(f"unknown pruning schedule {schedule!r}: choose gradual or iterative")
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
     """Keep the largest (1 - sparsity) fraction per output row (scope='row', the published meaning) or per layer."""
     if not 0.0 <= sparsity < 1.0:
@@ -87,11 +123,12 @@ class SparseLinear(nn.Linear):
 
     y = x (W ⊙ M)ᵀ + b [+ (x Xᵀ) Sᵀ with SLoRB], X: (in/k, in) projection, S: (out, in/k).
     `sparse = False` gives the dense forward (used for calibration and as a sanity switch).
+    `ste = False` gives plain masked training (no gradient to pruned weights), as GMP/IMP baselines use.
     """
 
     def __init__(self, in_features, out_features, bias=True, n=2, m=4, metric="magnitude",
                  mask_type="structured", sparsity=0.5, slorb_k=0, slorb_init="mean", trainable_projection=False,
-                 device=None, dtype=None):
+                 ste=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if metric not in METRICS:
             raise ValueError(f"unknown mask metric {metric!r}: choose one of {', '.join(METRICS)}")
@@ -100,7 +137,7 @@ class SparseLinear(nn.Linear):
         if mask_type == "structured":
             check_pattern(n, m, in_features)
         self.n, self.m, self.metric, self.mask_type, self.sparsity = n, m, metric, mask_type, sparsity
-        self.sparse = True
+        self.sparse, self.ste = True, ste
         full = torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         self.register_buffer("mask", full)
         self.register_buffer("init_mask", full.clone())
@@ -144,7 +181,10 @@ class SparseLinear(nn.Linear):
         return self.weight * self.mask if self.sparse else self.weight
 
     def forward(self, x):
-        w = _MaskedWeight.apply(self.weight, self.mask) if self.sparse else self.weight
+        if not self.sparse:
+            w = self.weight
+        else:
+            w = _MaskedWeight.apply(self.weight, self.mask) if self.ste else self.weight * self.mask
         y = F.linear(x, w, self.bias)
         if self.slorb_S is not None:
             y = y + F.linear(self.slorb_project(x), self.slorb_S)
@@ -234,10 +274,10 @@ def gpt2_block_linears(name: str, module: nn.Module) -> bool:
 
 def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_block_linears,
              mask_type="structured", sparsity=0.5, slorb_k=0, slorb_init="mean", trainable_projection=False,
-             calibrate=None, init_masks=True):
+             ste=True, calibrate=None, init_masks=True):
     """Swap every nn.Linear selected by filter_fn(name, module) for a SparseLinear, in place.
 
-    With init_masks, masks are set from the current weights right away; Wanda needs `calibrate`, a function
+    With init_masks, masks are set from the current weights right away (else they start all-ones); Wanda needs `calibrate`, a function
     calibrate(model) that runs forward passes over calibration data (masks are off while it runs, so the
     statistics come from the dense model). Returns the list of swapped names.
     """
@@ -250,7 +290,7 @@ def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_bloc
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SparseLinear.from_linear(
             linear, n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity, slorb_k=slorb_k,
-            slorb_init=slorb_init, trainable_projection=trainable_projection))
+            slorb_init=slorb_init, trainable_projection=trainable_projection, ste=ste))
     if init_masks:
         if metric == "wanda":
             if calibrate is None:
@@ -331,6 +371,13 @@ def check_nm(model: nn.Module, n=None, m=None):
             ok = ok and row["nm_ok"]
         rows.append(row)
     return ok, rows
+
+
+def layer_args(layer: SparseLinear) -> dict:
+    """The sparsify() keyword arguments that rebuild this layer (stored in checkpoints)."""
+    return dict(n=layer.n, m=layer.m, metric=layer.metric, mask_type=layer.mask_type, sparsity=layer.sparsity,
+                slorb_k=layer.slorb_k, slorb_init=layer.slorb_init,
+                trainable_projection=layer.trainable_projection, ste=layer.ste)
 
 
 # ----------------------------------------------------------------------------------------------- SR-STE

@@ -1,0 +1,243 @@
+"""The training configuration: one typed dataclass is the single source of truth for every main.py flag.
+
+Precedence: defaults < config file (--config configs/NAME.py or .json) < command line.
+Flags are `--key value` or `--key=value`; booleans accept True/False/true/false/1/0.
+"""
+import dataclasses
+import json
+import os
+import runpy
+import typing
+from dataclasses import dataclass, field
+
+from cli import REPO_ROOT, UserError, parse_bool
+
+
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- I/O
+    config: str = opt("", "config file (configs/NAME.py or .json, or a bare name in configs/) applied before flags")
+    out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and results.json")
+    init_from: str = opt("", "'' starts from --student_model; 'resume' continues out_dir/ckpt.pt exactly; "
+                             "or a checkpoint .pt (e.g. from prune.py) to start from")
+    student_model: str = opt("gpt2", "student: gpt2, gpt2-medium, gpt2-large, gpt2-xl (folders in the project "
+                                     "root) or any Hugging Face GPT-2 folder")
+    teacher_model: str = opt("gpt2", "dense teacher for distillation (any GPT-2 size with the same vocabulary)")
+    data_dir: str = opt("data/c4_dataset", "folder with train.bin and val.bin from data/c4_dataset/prepare.py")
+    wikitext_dir: str = opt("data/wikitext", "folder with test.bin from data/wikitext/prepare.py")
+    calibration: str = opt("", "Wanda calibration file from prepare_calibration_data.py ('' = windows of train.bin)")
+    calib_nsamples: int = opt(128, "calibration windows drawn from train.bin when --calibration is empty")
+    seed: int = opt(1337, "seeds the data order, initialisation and every RNG")
+    # --- sparsity
+    mode: str = opt("sparse_forward", "sparse_forward trains with masks; dense trains the plain model",
+                    ("sparse_forward", "dense"))
+    mask_type: str = opt("structured", "structured = N:M; unstructured = --sparsity per output row (as "
+                                       "published); unstructured_layer = --sparsity per layer",
+                         ("structured", "unstructured", "unstructured_layer"))
+    mask_metric: str = opt("magnitude", "mask scores: |W| or Wanda |W|*||X||", ("magnitude", "wanda"))
+    N: int = opt(2, "keep N of every M consecutive input weights")
+    M: int = opt(4, "group size of the N:M pattern")
+    sparsity: float = opt(0.5, "target sparsity of the unstructured mask types")
+    change_mask: bool = opt(True, "recompute masks from the current weights every mask_update_interval steps")
+    mask_update_interval: int = opt(10, "optimizer steps between mask recomputes (alias: output_flip_every)")
+    srste_decay: float = opt(0.0, "SR-STE strength lambda on the pruned weights (published: 1e-4); 0 = off")
+    increase_step: int = opt(0, "lambda ramps linearly from 0 to srste_decay over this many steps; 0 = constant")
+    optimizer: str = opt("ast", "where the SR-STE decay enters: ast = the paper's AdamW variant (u = m + d, "
+                                "second moment from u^2); classic = added to the gradient, standard AdamW",
+                         ("ast", "classic"))
+    SLoRB: bool = opt(False, "add the SLoRB low-rank residual to every sparse layer")
+    SLoRB_k: int = opt(16, "SLoRB group size k (S has in/k columns)")
+    SLoRB_init_type: str = opt("mean", "SLoRB initialisation", ("mean", "sum", "xavier", "zero"))
+    trainable_projection: bool = opt(False, "train SLoRB's projection X too (else a fixed reshape-and-sum)")
+    prune_schedule: str = opt("none", "baselines: gradual = GMP (cubic ramp to N:M over prune_start..prune_end); "
+                                      "iterative = IMP (prune_rounds rounds); none = N:M from step 0",
+                              ("none", "gradual", "iterative"))
+    prune_start: int = opt(0, "GMP/IMP: first pruning step")
+    prune_end: int = opt(1000, "GMP/IMP: step at which the mask is exactly N:M")
+    prune_rounds: int = opt(4, "IMP: number of prune-then-train rounds")
+    # --- distillation
+    distill_model: bool = opt(False, "distil from --teacher_model (CE + KL + SquareHead)")
+    hardness_task: float = opt(0.33, "weight of the student's own cross-entropy")
+    hardness_kldiv: float = opt(0.67, "weight of KL(teacher || student) on temperature-softened logits")
+    hardness_squarehead: float = opt(0.0, "weight of the SquareHead loss on block outputs (same depth and width)")
+    distill_temperature: float = opt(2.0, "KL temperature tau (the loss is multiplied by tau^2)")
+    distill_chunk_size: int = opt(1024, "tokens per chunk of the distillation loss (bounds logits memory)")
+    teacher_dtype: str = opt("auto", "teacher weights dtype: auto = bfloat16 on GPU, float32 on CPU",
+                             ("auto", "float32", "bfloat16", "float16"))
+    # --- optimisation
+    learning_rate: float = opt(2e-4, "peak learning rate")
+    min_lr: float = opt(2e-5, "learning rate at lr_decay_iters")
+    warmup_iters: int = opt(2000, "linear warmup steps")
+    lr_decay_iters: int = opt(38000, "end of the cosine decay")
+    max_iters: int = opt(40000, "optimizer steps")
+    lr_tail: str = opt("linear", "after lr_decay_iters: linear to 0 at max_iters (published) or hold min_lr",
+                       ("linear", "hold"))
+    weight_decay: float = opt(0.1, "decoupled weight decay on 2-D parameters")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0 = off)")
+    batch_size: int = opt(8, "micro-batch size per rank, in sequences")
+    global_batch_size: int = opt(128, "sequences per optimizer step over all ranks and micro-steps")
+    block_size: int = opt(1024, "sequence length (at most the model's context)")
+    gradient_checkpointing: bool = opt(False, "recompute each block in the backward pass to save memory")
+    # --- system
+    device: str = opt("auto", "auto = cuda if available, else cpu; or cpu, cuda, cuda:1, mps")
+    dtype: str = opt("auto", "autocast dtype: auto = bfloat16 on GPUs that support it, float32 on CPU",
+                     ("auto", "float32", "bfloat16", "float16"))
+    backend: str = opt("auto", "DDP backend: auto = nccl on GPU, gloo on CPU", ("auto", "nccl", "gloo"))
+    compile: bool = opt(False, "torch.compile the student (no gain on CPU)")
+    num_threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
+    # --- evaluation and logging
+    eval_interval: int = opt(2000, "steps between evaluations (and checkpoints)")
+    eval_iters: int = opt(100, "C4 validation batches per evaluation")
+    ppl_windows: int = opt(0, "WikiText-2 windows per evaluation (0 = the full test set)")
+    eval_only: bool = opt(False, "evaluate the student (or init_from checkpoint) once and exit")
+    log_interval: int = opt(10, "steps between console/metrics log lines")
+    always_save_checkpoint: bool = opt(True, "save ckpt.pt at every evaluation, not only when val improves")
+    progress: bool = opt(True, "show a tqdm progress bar")
+    wandb_logging: bool = opt(False, "log to Weights & Biases (works with WANDB_MODE=offline)")
+    wandb_project: str = opt("sparse-gpt2", "wandb project")
+    wandb_run_name: str = opt("", "wandb run name ('' = out_dir's name)")
+
+
+ALIASES = {"output_flip_every": "mask_update_interval"}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _convert(name, value):
+    """Turn a flag string (or a config-file value) into the field's type, with a one-line error."""
+    f = FIELDS[name]
+    kind = f.type if isinstance(f.type, type) else typing.get_type_hints(TrainConfig)[name]
+    try:
+        if kind is bool:
+            value = parse_bool(value)
+        elif kind is int:
+            number = float(value)  # accepts 1e4 as well as 10000
+            if isinstance(value, bool) or not number.is_integer():
+                raise ValueError
+            value = int(number)
+        elif kind is float:
+            value = float(value)
+        else:
+            value = str(value)
+    except (ValueError, UserError):
+        raise UserError(f"--{name}: expected {kind.__name__}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"--{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _canonical(name):
+    name = ALIASES.get(name, name)
+    if name not in FIELDS:
+        lower = {k.lower(): k for k in FIELDS}
+        name = lower.get(name.lower(), name)  # --slorb works for --SLoRB
+    if name not in FIELDS:
+        raise UserError(f"unknown flag --{name}; see `python main.py --help` for the valid flags")
+    return name
+
+
+def split_argv(argv):
+    """['--a', '1', '--b=2'] -> [('a', '1'), ('b', '2')], order kept."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"unexpected argument {arg!r}: flags are --key value or --key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and len(argv[i + 1]) > 2):
+                raise UserError(f"flag {arg} has no value: use {arg} VALUE or {arg}=VALUE")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        pairs.append((_canonical(key), value))
+    return pairs
+
+
+def load_config_file(path):
+    """Values from configs/NAME.py (module-level assignments) or a .json object."""
+    candidates = [path, os.path.join(REPO_ROOT, path), os.path.join(REPO_ROOT, "configs", path),
+                  os.path.join(REPO_ROOT, "configs", path + ".py")]
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        raise UserError(f"config file {path!r} not found: give a path or a name in configs/")
+    if found.endswith(".json"):
+        with open(found) as f:
+            values = json.load(f)
+    else:
+        values = {k: v for k, v in runpy.run_path(found).items()
+                  if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    out = {}
+    for key, value in values.items():
+        try:
+            out[_canonical(key)] = value
+        except UserError:
+            raise UserError(f"{found}: unknown setting {key!r}; see `python main.py --help`") from None
+    return out
+
+
+def parse_config(argv) -> TrainConfig:
+    pairs = split_argv(list(argv))
+    values = {}
+    config_files = [v for k, v in pairs if k == "config"]
+    if config_files:
+        for key, value in load_config_file(config_files[-1]).items():
+            values[key] = _convert(key, value)
+    for key, value in pairs:
+        values[key] = _convert(key, value)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    if not 0 < cfg.N <= cfg.M:
+        raise UserError(f"invalid pattern --N {cfg.N} --M {cfg.M}: need 0 < N <= M (e.g. --N 2 --M 4)")
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise UserError(f"--sparsity {cfg.sparsity}: must be in [0, 1)")
+    for name in ("batch_size", "global_batch_size", "block_size", "max_iters", "eval_iters", "log_interval",
+                 "eval_interval", "mask_update_interval", "SLoRB_k", "distill_chunk_size", "prune_rounds"):
+        if getattr(cfg, name) < 1 and not (name == "max_iters" and cfg.eval_only):
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
+    if cfg.srste_decay < 0 or cfg.learning_rate < 0 or cfg.min_lr < 0:
+        raise UserError("--srste_decay, --learning_rate and --min_lr must be non-negative")
+    if cfg.prune_schedule != "none":
+        if cfg.mode != "sparse_forward" or cfg.mask_type != "structured":
+            raise UserError("--prune_schedule needs --mode sparse_forward --mask_type structured")
+        if cfg.prune_end <= cfg.prune_start:
+            raise UserError(f"--prune_end {cfg.prune_end} must be after --prune_start {cfg.prune_start}")
+    if cfg.hardness_squarehead < 0 or cfg.hardness_kldiv < 0 or cfg.hardness_task < 0:
+        raise UserError("the --hardness_* weights must be non-negative")
+    if cfg.distill_temperature <= 0:
+        raise UserError(f"--distill_temperature must be positive, got {cfg.distill_temperature}")
+
+
+def help_text() -> str:
+    lines = ["usage: [torchrun --nproc_per_node=K] main.py [--config FILE] [--key value | --key=value ...]", "",
+             "Booleans accept True/False/true/false/1/0. Flags (default):"]
+    for f in dataclasses.fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        extra = f" {{{', '.join(choices)}}}" if choices else ""
+        lines.append(f"  --{f.name} ({f.default!r}){extra}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def flag_table_markdown() -> str:
+    """The README's flag table, generated from the dataclass (a test keeps the README in sync)."""
+    rows = ["| flag | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        extra = f" Choices: {', '.join(f'`{c}`' for c in choices)}." if choices else ""
+        default = f"`{f.default}`" if f.default != "" else "`''`"
+        rows.append(f"| `--{f.name}` | {default} | {f.metadata['help'].replace('|', '/')}{extra} |")
+    return "\n".join(rows)

@@ -1,0 +1,18 @@
+# A seconds-long CPU run for tests and smoke checks: pass --student_model/--teacher_model (tiny folders),
+# --data_dir and --wikitext_dir. Override anything on the command line.
+device = "cpu"
+block_size = 32
+batch_size = 2
+global_batch_size = 4
+max_iters = 6
+warmup_iters = 2
+lr_decay_iters = 5
+learning_rate = 1e-3
+min_lr = 1e-4
+eval_interval = 3
+eval_iters = 2
+ppl_windows = 4
+log_interval = 1
+mask_update_interval = 2
+progress = False
+num_threads = 1
