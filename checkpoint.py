@@ -12,18 +12,8 @@ import numpy as np
 import torch
 
 from cli import REPO_ROOT, UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, resolve_model_path
 from sparsity import layer_args, sparse_layers, sparsify
-
-MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """gpt2 / gpt2-medium / gpt2-large / gpt2-xl name folders in the project root; anything else is a path."""
-    if name_or_path in MODEL_NAMES and not os.path.exists(name_or_path):
-        return os.path.join(REPO_ROOT, name_or_path)
-    return name_or_path
-
 
 def model_state(model: GPT) -> dict:
     """What rebuilds the model: its weights, GPT config and the sparse layers with their arguments."""

@@ -9,6 +9,7 @@ forward and backward both inside no_sync), clip, optimizer step, then the mask r
 and checkpoints.
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
-from checkpoint import (build_model, git_commit, load_checkpoint, model_state, resolve_model_path, rng_state,
+from checkpoint import (build_model, git_commit, load_checkpoint, model_state, rng_state,
                         save_checkpoint, set_rng_state)
 from cli import UserError
 from config import TrainConfig, help_text, parse_config
@@ -81,6 +82,14 @@ class Runtime:
             t /= self.world_size
         return t
 
+    def all_ranks_equal(self, t) -> bool:
+        """True if tensor t is identical on every rank."""
+        if not self.ddp:
+            return True
+        gathered = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(gathered, t)
+        return all(torch.equal(g, t) for g in gathered)
+
     def any_rank(self, flag: bool) -> bool:
         """True if any rank's flag is set (every rank must call it at the same step)."""
         if not self.ddp:
@@ -122,17 +131,15 @@ def build_student(cfg: TrainConfig, rt: Runtime, train: BinDataset) -> GPT:
             raise UserError(f"--block_size {cfg.block_size} exceeds the context of {init} "
                             f"({model.config.block_size})")
     else:
-        model = GPT.from_pretrained(resolve_model_path(init or cfg.student_model), block_size=cfg.block_size)
+        model = GPT.from_pretrained(init or cfg.student_model, block_size=cfg.block_size)
     if cfg.mode == "sparse_forward" and not sparse_layers(model):
         hard = cfg.prune_schedule != "none"  # GMP/IMP: plain masked training, masks start all-ones
-        calib = None
-        if cfg.mask_metric == "wanda" and not hard:
-            tokens = calibration_tokens(cfg, train)
+        tokens = calibration_tokens(cfg, train) if (cfg.mask_metric == "wanda" and not hard) else None
 
-            def calib(mdl):
-                for i in range(0, len(tokens), cfg.batch_size):
-                    with rt.ctx:
-                        mdl(tokens[i:i + cfg.batch_size].to(rt.device))
+        def calib(mdl):  # Wanda: forward passes over the calibration windows (masks off, statistics on)
+            for i in range(0, len(tokens), cfg.batch_size):
+                with rt.ctx:
+                    mdl(tokens[i:i + cfg.batch_size].to(rt.device))
         model.to(rt.device)
         try:
             sparsify(model, n=cfg.N, m=cfg.M, metric=cfg.mask_metric, mask_type=cfg.mask_type,
@@ -173,6 +180,13 @@ def apply_pruning_schedule(model: GPT, cfg: TrainConfig, step: int, current: flo
     return fraction
 
 
+def mask_fingerprint(model: GPT, device) -> torch.Tensor:
+    """Per sparse layer: number of kept weights and the sum of their flat positions (cheap to compare)."""
+    rows = [torch.stack([layer.mask.sum(), layer.mask.flatten().nonzero().sum()]).double()
+            for _, layer in sparse_layers(model)]
+    return torch.stack(rows).to(device) if rows else torch.zeros(1, 2, dtype=torch.float64, device=device)
+
+
 def open_wandb(cfg: TrainConfig):
     try:
         import wandb
@@ -201,12 +215,11 @@ def main(argv=None):
 
 
 def train(cfg: TrainConfig, rt: Runtime):
-    t_start = time.time()
     resume = cfg.init_from == "resume"
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if resume else None
     if resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--init_from resume but {ckpt_path} does not exist")
+        raise UserError(f"--init_from resume but {ckpt_path} does not exist: check --out_dir")
+    ckpt = load_checkpoint(ckpt_path) if resume else None
 
     # ---- data (checked before the model is loaded, so a typo fails fast)
     train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size)
@@ -255,8 +268,10 @@ def train(cfg: TrainConfig, rt: Runtime):
         model = torch.compile(model)
     if rt.ddp:
         # masks are identical on every rank by construction: no need to broadcast buffers each forward
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-                    broadcast_buffers=False)
+        no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 spelling of broadcast_buffers
+                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                          else {"broadcast_buffers": False})
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **no_buffer_sync)
     if cfg.prune_schedule != "none" and not resume:
         pruned_fraction = apply_pruning_schedule(raw_model, cfg, 0, pruned_fraction)
 
@@ -296,7 +311,11 @@ def train(cfg: TrainConfig, rt: Runtime):
         save_checkpoint(obj, os.path.join(cfg.out_dir, name))
 
     def finish(val, ppl):
-        result = {"iter": iter_num, "tokens": iter_num * cfg.global_batch_size * cfg.block_size,
+        agree = rt.all_ranks_equal(mask_fingerprint(raw_model, rt.device))
+        if not agree:
+            raise RuntimeError("masks differ between ranks: please report this as a bug")
+        result = {"world_size": rt.world_size, "masks_identical_across_ranks": agree, "iter": iter_num,
+                  "tokens": iter_num * cfg.global_batch_size * cfg.block_size,
                   "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": cfg.ppl_windows,
                   "train_seconds": round(train_seconds + time.time() - t_loop, 2),
                   **sparsity_report(raw_model), "config": asdict(cfg)}

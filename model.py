@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import UserError
+from cli import REPO_ROOT, UserError
 
 
 @dataclass
@@ -35,6 +35,13 @@ GPT2_SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """gpt2 / gpt2-medium / gpt2-large / gpt2-xl name folders in the project root; anything else is a path."""
+    if name_or_path in GPT2_SHAPES and not os.path.exists(name_or_path):
+        return os.path.join(REPO_ROOT, name_or_path)
+    return name_or_path
 
 
 class CausalSelfAttention(nn.Module):
@@ -155,9 +162,12 @@ class GPT(nn.Module):
     def from_pretrained(cls, path, block_size=None):
         """Load a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin).
 
+        path may be a model name (gpt2, gpt2-medium, ...), resolved to the folder of that name in the project.
+
         Conv1D weights are stored (in, out) by Hugging Face and transposed here to nn.Linear's (out, in).
         block_size may shrink (never grow) the context, cropping the position embeddings.
         """
+        path = resolve_model_path(path)
         config = read_hf_config(path)
         if block_size is not None:
             if block_size > config.block_size:

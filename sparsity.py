@@ -5,7 +5,6 @@ project: a SparseLinear keeps its dense fp32 weight W and a bool buffer `mask` M
 hands the gradient of W ⊙ M to all of W (straight-through); masks are recomputed from scores on demand.
 """
 import contextlib
-import math
 import re
 
 import torch

@@ -37,3 +37,29 @@ def tiny_gpt2_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_gpt2"))
     save_tiny_gpt2(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(data_root, tmp_path_factory):
+    """Small C4 train/val bins and the WikiText-2 test.bin, made by the project's own prepare scripts."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("data")
+    c4 = os.path.join(data_root, "c4", "en")
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "c4_dataset", "prepare.py"),
+                    "--input", os.path.join(c4, "c4-train.00000-of-01024.head1000.json.gz"),
+                    "--val_files", os.path.join(c4, "c4-validation.00000-of-00008.head1000.json.gz"),
+                    "--max_docs", "100", "--out_dir", str(out / "c4")], check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "wikitext", "prepare.py"),
+                    "--input", os.path.join(data_root, "wikitext2"), "--out_dir", str(out / "wikitext")],
+                   check=True, capture_output=True)
+    return {"data_dir": str(out / "c4"), "wikitext_dir": str(out / "wikitext")}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A 2-layer student and a 4-layer teacher (random Hugging Face GPT-2 folders, context 64)."""
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_gpt2(str(root / "student"), n_positions=64, seed=0)
+    save_tiny_gpt2(str(root / "teacher"), n_layer=4, n_positions=64, seed=1)
+    return {"student": str(root / "student"), "teacher": str(root / "teacher")}

@@ -1,6 +1,5 @@
 """model.py against Hugging Face's own GPT2LMHeadModel, and the sparse swap on a real GPT-2 layout."""
 import json
-import os
 
 import pytest
 import torch

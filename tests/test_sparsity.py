@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from sparsity import (SRSTEAdamW, SparseLinear, check_nm, collect_input_norms, nm_mask, nm_violations,
+from sparsity import (SRSTEAdamW, SparseLinear, check_nm, nm_mask, nm_violations,
                       sparse_layers, sparsify, srste_lambda, unstructured_mask, update_masks)
 
 patterns = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))

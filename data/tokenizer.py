@@ -1,0 +1,134 @@
+"""The GPT-2 tokenizer (tiktoken `gpt2`), loaded offline when possible: one function every script uses.
+
+Where the BPE files come from, in order:
+  1. an explicit `tokenizer_dir` holding `encoder.json` + `vocab.bpe` (OpenAI names) or
+     `vocab.json` + `merges.txt` (Hugging Face names, e.g. a downloaded `gpt2/` model folder);
+  2. `$TIKTOKEN_CACHE_DIR`, when it already holds tiktoken's cached gpt2 files;
+  3. the shared data folder, `default_data_root()/gpt2_tokenizer`;
+  4. tiktoken's own download (needs network).
+Nothing is ever written, so every folder may be read-only.
+"""
+import functools
+import hashlib
+import json
+import os
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str  # tiktoken's own gpt2 split regex
+
+from cli import UserError, default_data_root
+
+EOT = 50256  # <|endoftext|>, appended after every document
+EOT_STR = "<|endoftext|>"
+VOCAB_SIZE = 50257
+
+# The files tiktoken downloads for `gpt2`, with the sha256 it pins; its cache names them sha1(url).
+_VOCAB_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+_ENCODER_JSON_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+TOKENIZER_DIR_HELP = "folder with encoder.json + vocab.bpe, or Hugging Face vocab.json + merges.txt"
+_FILE_PAIRS = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]  # (vocab, merges)
+
+
+def _gpt2_byte_decoder() -> dict:
+    """GPT-2 stores each byte as a printable character; this maps those characters back to bytes."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    decoder = {chr(b): b for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            decoder[chr(256 + n)] = b
+            n += 1
+    return decoder
+
+
+def _encoding_from_bpe_files(vocab_bytes: bytes, merges_bytes: bytes, where: str) -> tiktoken.Encoding:
+    """Build tiktoken's gpt2 Encoding from encoder.json/vocab.json and vocab.bpe/merges.txt contents."""
+    byte_decoder = _gpt2_byte_decoder()
+    try:
+        vocab = json.loads(vocab_bytes)
+        ranks = {bytes(byte_decoder[c] for c in token): rank for token, rank in vocab.items() if token != EOT_STR}
+        merges = [line.split() for line in merges_bytes.decode("utf-8").splitlines()[1:] if line.strip()]
+        # tiktoken needs rank order == merge order; a vocabulary from another tokenizer fails here, not later.
+        consistent = (len(ranks) == EOT and vocab.get(EOT_STR) == EOT and len(merges) == EOT - 256 and all(
+            ranks.get(bytes(byte_decoder[c] for c in a + b)) == 256 + i for i, (a, b) in enumerate(merges)))
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise UserError(f"{where}: cannot read the GPT-2 BPE files ({type(e).__name__}: {e})")
+    if not consistent:
+        raise UserError(f"{where}: these are not the GPT-2 BPE files (vocabulary and merges do not match GPT-2)")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={EOT_STR: EOT}, explicit_n_vocab=VOCAB_SIZE)
+
+
+def _find_pair(folder: str):
+    """The (vocab, merges) paths in folder, or None."""
+    for vocab_name, merges_name in _FILE_PAIRS:
+        vocab, merges = os.path.join(folder, vocab_name), os.path.join(folder, merges_name)
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            return vocab, merges
+    return None
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _from_folder(folder: str) -> tiktoken.Encoding:
+    vocab, merges = _find_pair(folder)
+    return _encoding_from_bpe_files(_read(vocab), _read(merges), folder)
+
+
+def _from_tiktoken_cache(cache_dir: str):
+    """The encoding from a tiktoken cache folder, or None when the cache lacks the gpt2 files."""
+    paths = [os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+             for url in (_ENCODER_JSON_URL, _VOCAB_BPE_URL)]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    encoder, merges = _read(paths[0]), _read(paths[1])
+    if (hashlib.sha256(encoder).hexdigest(), hashlib.sha256(merges).hexdigest()) != (
+            _ENCODER_JSON_SHA256, _VOCAB_BPE_SHA256):
+        return None  # a stale or partial cache; tiktoken would re-download it too
+    return _encoding_from_bpe_files(encoder, merges, cache_dir)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(tokenizer_dir, cache_dir, data_root):
+    """(encoding, where it came from). Cached per source, so env changes are still honoured."""
+    if tokenizer_dir:
+        # An explicit choice must not silently fall back to something else.
+        if not os.path.isdir(tokenizer_dir):
+            raise UserError(f"--tokenizer_dir {tokenizer_dir} is not a folder")
+        if _find_pair(tokenizer_dir) is None:
+            raise UserError(f"--tokenizer_dir {tokenizer_dir} holds neither encoder.json + vocab.bpe "
+                            "nor vocab.json + merges.txt")
+        return _from_folder(tokenizer_dir), tokenizer_dir
+    if cache_dir:
+        enc = _from_tiktoken_cache(cache_dir)
+        if enc is not None:
+            return enc, f"TIKTOKEN_CACHE_DIR={cache_dir}"
+    shared = os.path.join(data_root, "gpt2_tokenizer")
+    if os.path.isdir(shared) and _find_pair(shared) is not None:
+        return _from_folder(shared), shared
+    try:
+        return tiktoken.get_encoding("gpt2"), "tiktoken download"
+    except Exception as e:  # no network, read-only cache, ...: all end in the same advice
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        raise UserError(
+            "GPT-2 tokenizer files not found and tiktoken could not download them "
+            f"({reason}); put encoder.json + vocab.bpe (or Hugging Face vocab.json + merges.txt) in a folder "
+            f"and pass --tokenizer_dir FOLDER, or copy them to {shared}/, "
+            "or set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds the gpt2 files")
+
+
+def get_gpt2_encoding(tokenizer_dir=None) -> tiktoken.Encoding:
+    """tiktoken's `gpt2` Encoding ("Hello world" -> [15496, 995]), loaded once per process."""
+    return _load(tokenizer_dir or None, os.environ.get("TIKTOKEN_CACHE_DIR") or None, default_data_root())[0]
+
+
+def tokenizer_source(tokenizer_dir=None) -> str:
+    """Where get_gpt2_encoding(tokenizer_dir) found its files, for meta.json."""
+    return _load(tokenizer_dir or None, os.environ.get("TIKTOKEN_CACHE_DIR") or None, default_data_root())[1]

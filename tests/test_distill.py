@@ -1,0 +1,307 @@
+"""distill.py: each loss term against an independent computation, chunking, the frozen teacher, cross-size KL."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from cli import REPO_ROOT, UserError
+from conftest import save_tiny_gpt2
+from model import resolve_model_path
+from distill import (Distiller, Teacher, chunked_ce_and_kl, kl_div_loss, load_teacher,
+                     squarehead_loss)
+from model import GPT, GPTConfig
+
+VOCAB = 101
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("student"))
+    save_tiny_gpt2(path, n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deep_teacher_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("teacher4"))
+    save_tiny_gpt2(path, n_layer=4, n_head=2, n_embd=48, n_positions=64, vocab_size=VOCAB, seed=2)
+    return path
+
+
+def batch(B=2, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(VOCAB, (B, T), generator=g)
+    y = torch.randint(VOCAB, (B, T), generator=g)
+    return x, y
+
+
+def perturbed(model, seed=3, scale=0.05):
+    """A copy with different weights, so a teacher of the student's shape is not the student itself."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- pure loss terms
+def test_kl_div_loss_matches_torch_kl_div_and_the_explicit_formula():
+    torch.manual_seed(0)
+    s, t, tau = 3 * torch.randn(2, 5, 37), 3 * torch.randn(2, 5, 37), 2.0
+    got = kl_div_loss(s, t, tau)
+    by_torch = F.kl_div(F.log_softmax(s / tau, -1).view(-1, 37), F.softmax(t / tau, -1).view(-1, 37),
+                        reduction="batchmean") * tau ** 2
+    p_t = F.softmax(t / tau, -1)
+    explicit = (p_t * (p_t.log() - F.log_softmax(s / tau, -1))).sum(-1).mean() * tau ** 2
+    assert abs(got.item() - by_torch.item()) <= 1e-6
+    assert abs(got.item() - explicit.item()) <= 1e-6
+
+
+def test_kl_is_forward_kl_teacher_to_student_not_reverse():
+    s, t = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    forward = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    reverse = F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True, reduction="sum")
+    assert abs(forward - reverse) > 0.1  # the test can tell the two apart
+    assert kl_div_loss(s, t, temperature=1.0).item() == pytest.approx(forward.item(), abs=1e-6)
+
+
+def test_squarehead_loss_matches_normalised_mse_summed_over_blocks():
+    torch.manual_seed(0)
+    hs = [torch.randn(2, 5, 8) for _ in range(3)]
+    ht = [torch.randn(2, 5, 8) * (i + 1) for i in range(3)]
+    expected = sum(F.mse_loss(a, b) / (F.mse_loss(b, torch.zeros_like(b)) + 1e-6) for a, b in zip(hs, ht))
+    assert abs(squarehead_loss(hs, ht).item() - expected.item()) <= 1e-6
+    assert squarehead_loss(ht, ht).item() == 0.0
+
+
+def test_chunked_ce_and_kl_match_independent_computation_with_ignored_targets():
+    torch.manual_seed(0)
+    N, C, Ct, V, tau = 23, 8, 12, 37, 2.0
+    x, head = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    tx, thead = torch.randn(N, Ct), torch.randn(V, Ct)
+    y = torch.randint(V, (N,))
+    y[[0, 5, 6]] = -1
+    ce, kl = chunked_ce_and_kl(x, head, y, tx, thead, temperature=tau, chunk_size=4)
+    keep = y != -1
+    logits = x @ head.T
+    expected_ce = F.cross_entropy(logits, y, ignore_index=-1)
+    expected_kl = F.kl_div(F.log_softmax(logits[keep] / tau, -1), F.softmax((tx @ thead.T)[keep] / tau, -1),
+                           reduction="batchmean") * tau ** 2
+    assert abs(ce.item() - expected_ce.item()) <= 1e-6
+    assert abs(kl.item() - expected_kl.item()) <= 1e-6
+
+
+def test_chunked_ce_without_teacher_never_computes_kl():
+    x, head, y = torch.randn(9, 4), torch.randn(11, 4), torch.randint(11, (9,))
+    ce, kl = chunked_ce_and_kl(x, head, y, chunk_size=2)
+    assert kl is None
+    assert abs(ce.item() - F.cross_entropy(x @ head.T, y).item()) <= 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), chunk=st.integers(1, 45), seed=st.integers(0, 2 ** 16))
+def test_chunking_changes_neither_values_nor_gradients(n, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, head = torch.randn(n, 6, generator=g), torch.randn(29, 6, generator=g)
+    tx, thead = torch.randn(n, 5, generator=g), torch.randn(29, 5, generator=g)
+    y = torch.randint(-1, 29, (n,), generator=g)  # -1 marks ignored positions
+
+    def run(chunk_size):
+        xx, hh = x.clone().requires_grad_(), head.clone().requires_grad_()
+        ce, kl = chunked_ce_and_kl(xx, hh, y, tx, thead, temperature=2.0, chunk_size=chunk_size)
+        (0.3 * ce + 0.7 * kl).backward()
+        return ce, kl, xx.grad, hh.grad
+
+    for a, b in zip(run(chunk), run(None)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the Distiller
+def test_distiller_loss_is_the_weighted_sum_of_independently_computed_terms(student_dir):
+    student = GPT.from_pretrained(student_dir)
+    teacher = perturbed(load_teacher(student_dir))
+    x, y = batch()
+    distiller = Distiller(teacher, student.config, hardness_task=0.3, hardness_kldiv=0.5, hardness_squarehead=0.7,
+                          temperature=1.5, chunk_size=5)
+    loss, parts = distiller(student, x, y)
+
+    logits, ce, hidden = student(x, y, return_hidden=True)  # the model's own CE path
+    t_feats, t_hidden = teacher(x, features_only=True, return_hidden=True)
+    kl = kl_div_loss(logits, teacher.lm_head(t_feats), temperature=1.5)
+    sq = squarehead_loss(hidden, t_hidden)
+    assert abs(parts["ce"].item() - ce.item()) <= 1e-6
+    assert abs(parts["kl"].item() - kl.item()) <= 1e-6
+    assert abs(parts["squarehead"].item() - sq.item()) <= 1e-6
+    assert abs(loss.item() - (0.3 * ce + 0.5 * kl + 0.7 * sq).item()) <= 1e-6  # weights are not normalised
+    assert all(not p.requires_grad for p in parts.values())
+
+
+def test_distiller_chunked_and_unchunked_give_same_student_gradients(student_dir):
+    x, y = batch()
+    y[0, :3] = -1
+    teacher = perturbed(load_teacher(student_dir))
+    results = []
+    for chunk_size in (7, None):
+        student = GPT.from_pretrained(student_dir)
+        d = Distiller(teacher, student.config, hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=0.5,
+                      chunk_size=chunk_size)
+        loss, _ = d(student, x, y)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in student.named_parameters()}))
+    (loss_c, grads_c), (loss_u, grads_u) = results
+    torch.testing.assert_close(loss_c, loss_u, rtol=1e-6, atol=1e-6)
+    for name in grads_u:
+        torch.testing.assert_close(grads_c[name], grads_u[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_teacher_identical_to_student_gives_zero_kl_and_squarehead(student_dir):
+    student, teacher = GPT.from_pretrained(student_dir), load_teacher(student_dir)
+    d = Distiller(teacher, student.config, hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=1.0)
+    _, parts = d(student, *batch())
+    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert parts["squarehead"].item() == pytest.approx(0.0, abs=1e-7)
+    assert parts["ce"].item() > 0
+
+
+def test_training_step_moves_only_the_student_and_teacher_stays_frozen(student_dir):
+    student, teacher = GPT.from_pretrained(student_dir), perturbed(load_teacher(student_dir))
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student_before = copy.deepcopy(student.state_dict())
+    d = Distiller(teacher, student.config, hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=0.5)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    student.train()
+    teacher.train()  # a blanket .train() must not take the teacher out of eval mode
+    assert not any(m.training for m in teacher.modules())
+    assert not any(m is teacher for m in student.modules())
+
+    loss, _ = d(student, *batch())
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert not torch.equal(student.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+                           student_before["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_cross_size_teacher_distils_with_kl_only(student_dir, deep_teacher_dir):
+    student, teacher = GPT.from_pretrained(student_dir), load_teacher(deep_teacher_dir)
+    assert (teacher.config.n_layer, teacher.config.n_embd) != (student.config.n_layer, student.config.n_embd)
+    d = Distiller(teacher, student.config, hardness_task=0.0, hardness_kldiv=1.0, chunk_size=8)
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    x, y = batch()
+    losses = []
+    for _ in range(6):
+        loss, parts = d(student, x, y)
+        assert set(parts) == {"ce", "kl"}  # CE is still reported for the log
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_squarehead_with_a_teacher_of_another_size_is_a_clear_error_at_construction(student_dir, deep_teacher_dir):
+    student_cfg = GPT.from_pretrained(student_dir).config
+    teacher = load_teacher(deep_teacher_dir)
+    with pytest.raises(UserError, match="depth and width.*teacher 4 layers × 48, student 2 × 32"):
+        Distiller(teacher, student_cfg, hardness_squarehead=0.5)
+
+
+def test_teacher_is_skipped_when_only_the_task_loss_is_used(student_dir):
+    student, teacher = GPT.from_pretrained(student_dir), load_teacher(student_dir)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("teacher forward ran with hardness_kldiv = hardness_squarehead = 0")
+
+    teacher.forward = must_not_run
+    d = Distiller(teacher, student.config, hardness_task=1.0, hardness_kldiv=0.0, hardness_squarehead=0.0)
+    x, y = batch()
+    loss, parts = d(student, x, y)
+    assert set(parts) == {"ce"}
+    assert abs(loss.item() - student(x, y)[1].item()) <= 1e-6
+    assert Distiller(None, student.config, hardness_task=1.0, hardness_kldiv=0.0).teacher is None
+
+
+def test_bf16_teacher_and_bf16_autocast_stay_close_to_fp32(student_dir):
+    student = GPT.from_pretrained(student_dir)
+    x, y = batch()
+    teacher32 = perturbed(load_teacher(student_dir))
+    teacher16 = copy.deepcopy(teacher32).to(torch.bfloat16)
+    assert teacher16.transformer.wte.weight.dtype == torch.bfloat16 and not teacher16.training
+    ref, _ = Distiller(teacher32, student.config)(student, x, y)
+    low, _ = Distiller(teacher16, student.config)(student, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, parts = Distiller(teacher32, student.config)(student, x, y)
+    assert parts["ce"].dtype == parts["kl"].dtype == torch.float32  # logits upcast before log_softmax
+    for value in (low, auto):
+        assert torch.isfinite(value) and abs(value.item() - ref.item()) < 0.02 * ref.item()
+
+
+def test_distiller_goes_through_ddp_wrapper_with_the_same_gradients(student_dir, tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    teacher = perturbed(load_teacher(student_dir))
+    x, y = batch()
+    grads = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for wrap in (False, True):
+            student = GPT.from_pretrained(student_dir)
+            d = Distiller(teacher, student.config, hardness_squarehead=0.5, chunk_size=9)
+            loss, _ = d(DDP(student) if wrap else student, x, y)
+            loss.backward()
+            grads.append({n: p.grad for n, p in student.named_parameters()})
+    finally:
+        dist.destroy_process_group()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- loading, errors
+def test_load_teacher_is_frozen_in_the_requested_dtype(student_dir):
+    teacher = load_teacher(student_dir, dtype="bfloat16", block_size=32)
+    assert isinstance(teacher, Teacher) and not teacher.training
+    assert teacher.config.block_size == 32
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="no targets"):
+        teacher(*batch())
+
+
+def test_model_names_resolve_to_project_folders_and_anything_else_is_a_path(tmp_path):
+    assert resolve_model_path("gpt2-medium") == os.path.join(REPO_ROOT, "gpt2-medium")
+    assert resolve_model_path("out/my-gpt2") == "out/my-gpt2"
+    with pytest.raises(UserError, match="not found"):
+        load_teacher(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("change, kwargs, message", [
+    (dict(vocab_size=VOCAB + 2), {}, "vocabulary"),
+    (dict(block_size=128), {}, "context 64 is shorter"),
+    (dict(n_embd=64), dict(hardness_squarehead=1.0), "depth and width"),
+    ({}, dict(hardness_kldiv=-0.1), "hardness_kldiv must be >= 0"),
+    ({}, dict(hardness_task=0.0, hardness_kldiv=0.0), "nothing to train"),
+    ({}, dict(temperature=0.0), "temperature"),
+    ({}, dict(chunk_size=0), "chunk_size"),
+])
+def test_bad_distillation_settings_are_user_errors(student_dir, change, kwargs, message):
+    teacher = load_teacher(student_dir)
+    student_cfg = GPTConfig(**{**vars(teacher.config), **change})
+    with pytest.raises(UserError, match=message):
+        Distiller(teacher, student_cfg, **kwargs)
+
+
+def test_kl_without_a_teacher_and_unknown_teacher_dtype_are_user_errors(student_dir):
+    with pytest.raises(UserError, match="no teacher"):
+        Distiller(None, GPTConfig(vocab_size=VOCAB), hardness_kldiv=0.5)
+    with pytest.raises(UserError, match="float32, bfloat16, float16"):
+        load_teacher(student_dir, dtype="fp8")
+    with pytest.raises(TypeError, match="load_teacher"):
+        Distiller(GPT.from_pretrained(student_dir), GPTConfig(vocab_size=VOCAB, block_size=64))

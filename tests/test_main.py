@@ -1,0 +1,229 @@
+"""main.py end to end on tiny random GPT-2 folders and the shared data: upstream commands, DDP, resume, errors."""
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main as main_mod
+from checkpoint import load_checkpoint
+from config import TrainConfig, flag_table_markdown, parse_config
+from conftest import REPO_ROOT
+from cli import UserError
+
+UPSTREAM_NAIVE = """--learning_rate 2e-4 --min_lr 2e-5 --warmup_iters 2000 --lr_decay_iters 38000 --max_iters 40000
+ --batch_size 8 --global_batch_size 128 --mode sparse_forward --mask_type structured --mask_metric 'magnitude'"""
+UPSTREAM_BOOSTED = """--srste_decay 1e-4 --learning_rate 2e-4 --min_lr 2e-5 --teacher_model 'gpt2' --student_model 'gpt2'
+ --warmup_iters 2000 --lr_decay_iters 38000 --increase_step 10000 --max_iters 40000 --batch_size 8
+ --global_batch_size 128 --mask_metric 'magnitude' --mode sparse_forward --change_mask True --mask_type structured
+ --SLoRB True --SLoRB_init_type "mean" --SLoRB_k 16 --trainable_projection True --distill_model True
+ --hardness_task 0.33 --hardness_kldiv 0.67 --hardness_squarehead 0.0 --gradient_checkpointing True"""
+
+
+def shrink(tiny_data, tiny_models, out_dir, *extra):
+    """Overrides that make any command a seconds-long CPU run on the tiny folders."""
+    return ["--config", "cpu_tiny", "--student_model", tiny_models["student"],
+            "--teacher_model", tiny_models["teacher"], "--data_dir", tiny_data["data_dir"],
+            "--wikitext_dir", tiny_data["wikitext_dir"], "--out_dir", str(out_dir), *extra]
+
+
+def small(tiny_data, tiny_models, out_dir):
+    """Appended after an upstream command: later flags win, so these shrink it."""
+    return ["--max_iters", "6", "--warmup_iters", "2", "--lr_decay_iters", "5", "--increase_step", "3",
+            "--batch_size", "2", "--global_batch_size", "4", "--block_size", "32",
+            *shrink(tiny_data, tiny_models, out_dir)]
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+
+
+def run_cli(args, **kw):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "main.py"), *args], capture_output=True,
+                          text=True, cwd=REPO_ROOT, **kw)
+
+
+def torchrun(args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(29500 + random.Random(os.getpid()).randrange(1000)), os.path.join(REPO_ROOT, "main.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# --------------------------------------------------------------------------------------------- upstream commands
+@pytest.mark.parametrize("command", [UPSTREAM_NAIVE, UPSTREAM_BOOSTED], ids=["ast_naive", "ast_boosted"])
+def test_upstream_command_runs_single_process_and_under_torchrun(command, tiny_data, tiny_models, tmp_path):
+    upstream = shlex.split(command.replace("\n", " "))
+    one = main_mod.main(upstream + small(tiny_data, tiny_models, tmp_path / "one"))
+    assert one["iter"] == 6 and one["nm_ok"] and one["mean_sparsity"] == pytest.approx(0.5)
+    proc = torchrun(upstream + small(tiny_data, tiny_models, tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    assert two["world_size"] == 2 and two["masks_identical_across_ranks"] and two["nm_ok"]
+    # the same global batch on 1 and 2 ranks: the same losses, and the same final masks
+    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(l1) == sorted(l2) == list(range(1, 7))
+    for it in l1:
+        assert l2[it] == pytest.approx(l1[it], rel=1e-5, abs=1e-5)
+    m1, m2 = (load_checkpoint(str(tmp_path / d / "ckpt.pt"))["model"] for d in ("one", "two"))
+    for k in m1:
+        if k.endswith("mask"):
+            assert torch.equal(m1[k], m2[k]), k
+
+
+def test_upstream_commands_match_the_config_files():
+    for command, name in ((UPSTREAM_NAIVE, "ast_naive"), (UPSTREAM_BOOSTED, "ast_boosted")):
+        from_flags = parse_config(shlex.split(command.replace("\n", " ")))
+        assert parse_config(["--config", name]) == TrainConfig(**{**vars(from_flags), "config": name})
+
+
+# --------------------------------------------------------------------------------------------- resume
+AST_FULL = ["--distill_model", "True", "--SLoRB", "True", "--trainable_projection", "True", "--srste_decay", "1e-2",
+            "--increase_step", "3", "--mask_update_interval", "2", "--learning_rate", "3e-3"]
+
+
+def assert_same_final_state(dir_a, dir_b):
+    a, b = load_checkpoint(str(dir_a / "ckpt.pt")), load_checkpoint(str(dir_b / "ckpt.pt"))
+    assert a["iter_num"] == b["iter_num"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_continues_exactly(tiny_data, tiny_models, tmp_path):
+    straight = main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "straight", *AST_FULL, "--max_iters", "6"))
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "split", *AST_FULL, "--max_iters", "3"))
+    resumed = main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "split", *AST_FULL, "--max_iters", "6",
+                                   "--init_from", "resume"))
+    ls, lr = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert sorted(lr) == sorted(ls) == list(range(1, 7))  # appended, not truncated
+    for it in ls:
+        assert abs(ls[it] - lr[it]) <= 1e-6, it
+    assert_same_final_state(tmp_path / "straight", tmp_path / "split")
+    assert resumed["wikitext_ppl"] == pytest.approx(straight["wikitext_ppl"], rel=1e-6)
+    assert resumed["flip_ratio_init" if False else "nm_ok"]
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tiny_data, tiny_models, tmp_path):
+    n = 12
+    args = AST_FULL + ["--max_iters", str(n), "--lr_decay_iters", str(n), "--eval_interval", "100"]
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "straight", *args))
+    stop_after = random.Random().randint(2, n - 3)
+    cmd = [sys.executable, "-u", os.path.join(REPO_ROOT, "main.py"),
+           *shrink(tiny_data, tiny_models, tmp_path / "killed", *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+    for line in proc.stdout:
+        if line.startswith(f"iter {stop_after}: loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "stopped by signal" in rest
+    stopped_at = load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["iter_num"]
+    assert stop_after <= stopped_at < n
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "killed", *args, "--init_from", "resume"))
+    ls, lk = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(lk) == list(range(1, n + 1))
+    for it in ls:
+        assert abs(ls[it] - lk[it]) <= 1e-6, it
+    assert_same_final_state(tmp_path / "straight", tmp_path / "killed")
+
+
+# --------------------------------------------------------------------------------------------- flags
+def test_change_mask_false_really_keeps_the_initial_mask(tiny_data, tiny_models, tmp_path):
+    base = ["--learning_rate", "5e-2", "--mask_update_interval", "1", "--eval_interval", "100"]
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "fixed", *base, "--change_mask", "False"))
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "moving", *base, "--change_mask", "true"))
+    fixed = load_checkpoint(str(tmp_path / "fixed" / "ckpt.pt"))["model"]
+    moving = load_checkpoint(str(tmp_path / "moving" / "ckpt.pt"))["model"]
+    masks = [k for k in fixed if k.endswith(".mask")]
+    assert masks
+    assert all(torch.equal(fixed[k], fixed[k.replace(".mask", ".init_mask")]) for k in masks)
+    assert any(not torch.equal(moving[k], moving[k.replace(".mask", ".init_mask")]) for k in masks)
+    assert not any("flip_ratio" in json.loads(l) and "loss" not in json.loads(l)
+                   for l in open(tmp_path / "fixed" / "metrics.jsonl"))
+
+
+def test_config_file_then_command_line_precedence(tmp_path):
+    cfg_file = tmp_path / "my.py"
+    cfg_file.write_text("learning_rate = 1e-3\nbatch_size = 4\nchange_mask = False\noutput_flip_every = 7\n")
+    cfg = parse_config(["--config", str(cfg_file), "--batch_size=2", "--SLoRB", "1"])
+    assert cfg.learning_rate == 1e-3 and cfg.batch_size == 2 and cfg.change_mask is False and cfg.SLoRB is True
+    assert cfg.mask_update_interval == 7
+    assert cfg.max_iters == TrainConfig().max_iters  # untouched default
+    for text, value in (("True", True), ("false", False), ("1", True), ("0", False), ("true", True)):
+        assert parse_config(["--change_mask", text]).change_mask is value
+    assert parse_config(["--output_flip_every=3"]).mask_update_interval == 3
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--no_such_flag", "1"], "unknown flag --no_such_flag"),
+    (["--mask_metric", "random"], "not one of magnitude, wanda"),
+    (["--change_mask", "maybe"], "change_mask"),
+    (["--N", "5", "--M", "4"], "0 < N <= M"),
+    (["--max_iters", "ten"], "expected int"),
+    (["--batch_size"], "has no value"),
+])
+def test_bad_flags_are_one_line_errors(argv, match):
+    with pytest.raises(UserError, match=match):
+        parse_config(argv)
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tiny_data, tiny_models, tmp_path):
+    cases = [
+        (["--data_dir", str(tmp_path / "nodata")], "train.bin not found"),
+        (["--student_model", str(tmp_path / "nomodel")], "not found"),
+        (["--block_size", "128"], "exceeds"),
+        (["--global_batch_size", "5"], "not divisible"),
+        (["--N", "5", "--M", "4"], "0 < N <= M"),
+        (["--bogus", "1"], "unknown flag"),
+        (["--init_from", "resume", "--out_dir", str(tmp_path / "empty")], "does not exist"),
+    ]
+    for extra, match in cases:
+        proc = run_cli(shrink(tiny_data, tiny_models, tmp_path / "out", *extra))
+        assert proc.returncode == 2, (extra, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], (extra, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_eval_only_evaluates_a_checkpoint_without_training(tiny_data, tiny_models, tmp_path):
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "run"))
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    before = os.path.getmtime(ckpt)
+    res = main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "eval", "--eval_only", "True", "--init_from", ckpt))
+    trained = json.load(open(tmp_path / "run" / "results.json"))
+    assert res["wikitext_ppl"] == pytest.approx(trained["wikitext_ppl"], rel=1e-6) and res["nm_ok"]
+    assert os.path.getmtime(ckpt) == before and not (tmp_path / "eval" / "ckpt.pt").exists()
+
+
+def test_readme_flag_table_is_generated_from_the_dataclass():
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    assert flag_table_markdown() in readme, "regenerate the README flag table: python -c 'import config; " \
+                                            "print(config.flag_table_markdown())'"
+
+
+def test_lr_schedule_warmup_cosine_and_tail():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110, max_iters=210)
+    assert main_mod.get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert main_mod.get_lr(10, cfg) == pytest.approx(1.0)
+    assert main_mod.get_lr(60, cfg) == pytest.approx(0.55)
+    assert main_mod.get_lr(110, cfg) == pytest.approx(0.1)
+    assert main_mod.get_lr(160, cfg) == pytest.approx(0.05)  # linear to zero, as published
+    assert main_mod.get_lr(210, cfg) == pytest.approx(0.0)
+    cfg.lr_tail = "hold"
+    assert main_mod.get_lr(160, cfg) == pytest.approx(0.1)
+
+
+def test_plot_draws_a_png_from_metrics(tiny_data, tiny_models, tmp_path):
+    import plot
+
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "run"))
+    series = plot.read_metrics(str(tmp_path / "run"))
+    assert series["loss"][0] == list(range(1, 7)) and series["val_loss"][0] == [0, 3, 6]
+    out = plot.plot_runs([str(tmp_path / "run")], str(tmp_path / "c.png"))
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
