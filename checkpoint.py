@@ -50,6 +50,11 @@ def load_model(path: str, block_size=None) -> GPT:
             wpe = model.transformer.wpe
             wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
         return model
+    if os.path.isfile(os.path.join(path, "sparse_export.json")):
+        # a folder written by export.py / prune.py: restore its masks and a separately kept SLoRB branch,
+        # which a plain Hugging Face load would silently drop
+        from export import load_hf_with_slorb
+        return load_hf_with_slorb(path, block_size=block_size)
     return GPT.from_pretrained(path, block_size=block_size)
 
 

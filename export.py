@@ -1,0 +1,287 @@
+"""Export a checkpoint to a Hugging Face GPT2LMHeadModel folder that `transformers` loads with no custom code.
+
+    python export.py --checkpoint out/ast_boosted/best.pt --out out/ast_boosted_hf --verify_ppl_windows 8
+
+The folder holds config.json + model.safetensors (Conv1D layout, the effective weights W ⊙ M: pruned
+weights are exactly zero), the tokenizer (vocab.json + merges.txt) and sparse_export.json (pattern, sparse
+layers, where the tokenizer came from). After writing, the folder is reloaded with
+transformers.GPT2LMHeadModel; every block linear is checked to be exactly N:M and the logits (and with
+--verify_ppl_windows the WikiText-2 perplexity) are compared with the checkpoint's.
+
+SLoRB (AST-Boosted): S X is a dense (out, in) matrix and cannot live inside a 2:4 weight. By default it is kept
+as a separate branch in slorb.safetensors; transformers alone then loads only the 2:4 part, and
+`export.load_hf_with_slorb(folder)` (also used by evaluate.py / checkpoint.load_model) rebuilds the full model.
+--merge_slorb instead writes W ⊙ M + S X: a dense-equivalent model that is no longer N:M.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn as nn
+
+import cli
+from cli import UserError
+from model import GPT, resolve_model_path
+from sparsity import layer_args, nm_mask, nm_violations, sparse_layers, sparsify
+
+EXPORT_INFO = "sparse_export.json"
+SLORB_FILE = "slorb.safetensors"
+# Hugging Face names first; OpenAI's encoder.json / vocab.bpe hold the same bytes under other names.
+TOKENIZER_LAYOUTS = ({"vocab.json": "vocab.json", "merges.txt": "merges.txt"},
+                     {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"})
+TOKENIZER_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+@torch.no_grad()
+def plain_gpt(model: GPT, merge_slorb=False) -> GPT:
+    """A plain GPT (nn.Linear everywhere) whose block weights are the effective W ⊙ M (+ S X when merging)."""
+    sparse = dict(sparse_layers(model))
+    skip = ("mask", "init_mask", "input_sq", "slorb_S", "slorb_X")
+    sd = {}
+    for k, v in model.state_dict().items():
+        owner, _, leaf = k.rpartition(".")
+        if owner in sparse and leaf in skip:
+            continue
+        if owner in sparse and leaf == "weight":
+            layer = sparse[owner]
+            v = layer.weight * layer.mask
+            if merge_slorb:
+                v = v + layer.slorb_delta()
+        sd[k] = v.detach().clone()
+    plain = GPT(model.config)
+    plain.load_state_dict(sd)
+    return plain.eval()
+
+
+def find_tokenizer(candidates):
+    """First folder among candidates holding the GPT-2 tokenizer: (folder, {our name: file there}) or (None, None)."""
+    for folder in candidates:
+        if not folder or not os.path.isdir(folder):
+            continue
+        for layout in TOKENIZER_LAYOUTS:
+            if all(os.path.isfile(os.path.join(folder, f)) for f in layout.values()):
+                return folder, layout
+    return None, None
+
+
+def default_tokenizer_dirs():
+    root = os.path.join(cli.default_data_root(), "gpt2_tokenizer")
+    return [os.path.join(root, "hf"), root]
+
+
+@torch.no_grad()
+def export_model(model: GPT, out, tokenizer_dirs=(), merge_slorb=False, source=""):
+    """Write `model` (a GPT, sparse or not) as a Hugging Face folder; returns what sparse_export.json records.
+
+    tokenizer_dirs: folders (or model names) searched in order for the tokenizer, then the shared data folder.
+    """
+    layers = sparse_layers(model)
+    has_slorb = any(layer.slorb_S is not None for _, layer in layers)
+    slorb_mode = None if not has_slorb else ("merged" if merge_slorb else "separate")
+    os.makedirs(out, exist_ok=True)
+    plain_gpt(model, merge_slorb=merge_slorb).save_pretrained(out)
+
+    stale = os.path.join(out, SLORB_FILE)
+    if os.path.exists(stale):
+        os.remove(stale)  # a previous export into this folder must not be picked up by the loader
+    if slorb_mode == "separate":
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, layer in layers:
+            tensors[f"{name}.slorb_S"] = layer.slorb_S.detach().float().cpu().contiguous()
+            if layer.slorb_X is not None:  # a learned (or xavier) projection; else the fixed block indicator
+                tensors[f"{name}.slorb_X"] = layer.slorb_X.detach().float().cpu().contiguous()
+        save_file(tensors, os.path.join(out, SLORB_FILE), metadata={"format": "pt"})
+
+    dirs = [resolve_model_path(d) for d in tokenizer_dirs if d] + default_tokenizer_dirs()
+    tok_dir, layout = find_tokenizer(dirs)
+    if tok_dir is not None:
+        for ours, theirs in layout.items():
+            shutil.copyfile(os.path.join(tok_dir, theirs), os.path.join(out, ours))
+        for extra in TOKENIZER_EXTRAS:
+            if layout["vocab.json"] == "vocab.json" and os.path.isfile(os.path.join(tok_dir, extra)):
+                shutil.copyfile(os.path.join(tok_dir, extra), os.path.join(out, extra))
+        print(f"tokenizer: copied from {tok_dir}")
+    else:
+        print(f"warning: no GPT-2 tokenizer found (looked in {', '.join(dirs)}); the folder has no "
+              "vocab.json/merges.txt: pass --tokenizer_dir", file=sys.stderr)
+
+    args = layer_args(layers[0][1]) if layers else None
+    structured = bool(layers) and args["mask_type"] == "structured"
+    info = {
+        "format": 1,
+        "source": source,
+        "sparse_layers": [name for name, _ in layers] if slorb_mode != "merged" else [],
+        "sparsity_args": args if slorb_mode != "merged" else None,
+        "pattern": (f"{args['n']}:{args['m']}" if structured else args["mask_type"]) if layers else None,
+        "nm_exact": structured and slorb_mode != "merged",
+        "slorb": slorb_mode,
+        "tokenizer": tok_dir,
+    }
+    if slorb_mode == "separate":
+        info["note"] = ("model.safetensors holds only the sparse W*M; the SLoRB branch S X is in slorb.safetensors: "
+                        "load the full model with export.load_hf_with_slorb(folder)")
+    elif slorb_mode == "merged":
+        info["note"] = "--merge_slorb: weights are W*M + S X, dense-equivalent, NOT N:M sparse"
+    with open(os.path.join(out, EXPORT_INFO), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ reading
+@torch.no_grad()
+def load_hf_with_slorb(folder, block_size=None) -> GPT:
+    """A GPT from an exported folder with its SparseLinear masks (and the SLoRB branch, when kept) restored.
+
+    Masks are rebuilt from the zeros of the weights (for N:M: the n largest |W| of each group, which keeps
+    every non-zero), so W ⊙ M equals the stored weight exactly and the logits equal the checkpoint's.
+    """
+    model = GPT.from_pretrained(folder, block_size=block_size)
+    info_path = os.path.join(folder, EXPORT_INFO)
+    if not os.path.isfile(info_path):
+        return model  # a plain Hugging Face folder
+    with open(info_path) as f:
+        info = json.load(f)
+    names = set(info.get("sparse_layers") or [])
+    if not names:
+        return model
+    args = info["sparsity_args"]
+    sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False, **args)
+    slorb = None
+    if args.get("slorb_k"):
+        path = os.path.join(folder, SLORB_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} was exported with a separate SLoRB branch but {SLORB_FILE} is missing")
+        from safetensors.torch import load_file
+        slorb = load_file(path)
+    for name, layer in sparse_layers(model):
+        w = layer.weight.abs()
+        mask = nm_mask(w, layer.n, layer.m) if layer.mask_type == "structured" else w != 0
+        layer.mask.copy_(mask)
+        layer.init_mask.copy_(mask)
+        if slorb is not None:
+            layer.slorb_S.copy_(slorb[f"{name}.slorb_S"])
+            if layer.slorb_X is not None:
+                layer.slorb_X.copy_(slorb[f"{name}.slorb_X"])
+    return model
+
+
+class HFAsGPT(nn.Module):
+    """A transformers GPT2LMHeadModel behind our GPT's forward(idx, targets) -> (logits, loss) signature."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, idx, targets=None):
+        return self.hf(idx).logits, None
+
+
+def _rel_diff(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def verify_export(model: GPT, out, info, wikitext_tokens=None, ppl_windows=0, tol=1e-4):
+    """Reload the folder with transformers (and our loader); check N:M and compare logits / perplexity."""
+    from transformers import GPT2LMHeadModel
+
+    from evaluate import wikitext_perplexity
+
+    model.eval()
+    hf = GPT2LMHeadModel.from_pretrained(out).eval()
+    report = {"ok": True}
+    if info["nm_exact"]:
+        n, m = info["sparsity_args"]["n"], info["sparsity_args"]["m"]
+        # transformers' Conv1D stores (in, out): transpose so the groups of m run along the input dimension
+        bad = {name: nm_violations(hf.get_submodule(name).weight.t(), n, m) for name in info["sparse_layers"]}
+        report["nm_violations"] = sum(bad.values())
+        report["nm_ok"] = report["nm_violations"] == 0
+        report["ok"] &= report["nm_ok"]
+        print(f"N:M check after reloading with transformers: {len(bad)} layers, "
+              f"{report['nm_violations']} groups over {n}:{m} -> {'ok' if report['nm_ok'] else 'FAILED'}")
+    elif info["slorb"] == "merged":
+        print("NOTE: --merge_slorb: the export is dense-equivalent (W*M + S X), NOT N:M; N:M check skipped",
+              file=sys.stderr)
+    else:
+        print(f"N:M check skipped: the model is {info['pattern'] or 'dense'}")
+    # With a separate SLoRB branch transformers sees only W ⊙ M; the full model is our loader's.
+    exported = load_hf_with_slorb(out).eval() if info["slorb"] == "separate" else HFAsGPT(hf)
+    seq = min(64, model.config.block_size)
+    idx = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
+    report["logits_rel_diff"] = _rel_diff(exported(idx, targets=idx)[0], model(idx, targets=idx)[0])
+    report["ok"] &= report["logits_rel_diff"] <= tol
+    via = "export.load_hf_with_slorb" if info["slorb"] == "separate" else "transformers"
+    print(f"logits of the export ({via}) vs the checkpoint: max relative difference "
+          f"{report['logits_rel_diff']:.2e} (tolerance {tol:g})")
+    if wikitext_tokens is not None and ppl_windows > 0:
+        bs = model.config.block_size
+        ref = wikitext_perplexity(model, wikitext_tokens, bs, ppl_windows)
+        got = wikitext_perplexity(exported, wikitext_tokens, bs, ppl_windows)
+        report.update(wikitext_ppl_checkpoint=ref, wikitext_ppl_export=got, ppl_windows=ppl_windows,
+                      ppl_rel_diff=abs(got - ref) / ref)
+        report["ok"] &= report["ppl_rel_diff"] <= tol
+        print(f"WikiText-2 ppl over {ppl_windows} windows: checkpoint {ref:.4f}, export {got:.4f} "
+              f"(relative difference {report['ppl_rel_diff']:.2e})")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def checkpoint_model_dirs(ckpt):
+    """Model folders a checkpoint records (main.py's student / init_from, prune.py's --model), for the tokenizer."""
+    cfg, pruned = ckpt.get("config") or {}, ckpt.get("prune") or {}
+    return [d for d in (cfg.get("student_model"), cfg.get("init_from"), pruned.get("model"))
+            if isinstance(d, str) and d and d != "resume"]
+
+
+def main(argv=None):
+    from checkpoint import build_model, load_checkpoint
+    from data.loader import load_wikitext_tokens
+
+    p = cli.ArgumentParser(prog="export.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="main.py ckpt.pt / best.pt or a prune.py .pt")
+    p.add_argument("--out", required=True, help="output folder (Hugging Face GPT2LMHeadModel)")
+    p.add_argument("--tokenizer_dir", default="",
+                   help="copy vocab.json/merges.txt (or encoder.json/vocab.bpe) from here; default: the model "
+                        "folder the checkpoint records, else $SPARSE_GPT2_DATA/gpt2_tokenizer")
+    p.add_argument("--merge_slorb", type=cli.parse_bool, default=False,
+                   help="SLoRB checkpoints: merge S X into the weights (dense-equivalent, NO LONGER N:M); "
+                        "default keeps SLoRB separate in slorb.safetensors")
+    p.add_argument("--verify", type=cli.parse_bool, default=True,
+                   help="reload with transformers, check N:M and compare logits with the checkpoint")
+    p.add_argument("--verify_ppl_windows", type=int, default=0,
+                   help="also compare WikiText-2 perplexity over this many windows (0 = skip)")
+    p.add_argument("--wikitext_dir", default="data/wikitext", help="folder with test.bin, for --verify_ppl_windows")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out folder")
+    args = p.parse_args(argv)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        raise UserError(f"{args.out} exists and is not empty: pass --force to write into it")
+    ckpt = load_checkpoint(args.checkpoint)
+    model = build_model(ckpt).eval()
+    info = export_model(model, args.out, [args.tokenizer_dir, *checkpoint_model_dirs(ckpt)], args.merge_slorb,
+                        source=os.path.abspath(args.checkpoint))
+    if info["slorb"] == "separate":
+        print("NOTE: this checkpoint has SLoRB; it is kept as a separate branch in slorb.safetensors (not merged "
+              "into the 2:4 weights). transformers alone loads only the 2:4 part; the full model loads with "
+              "export.load_hf_with_slorb(folder), and evaluate.py --model FOLDER uses it. --merge_slorb True "
+              "writes a dense-equivalent (not N:M) folder instead.", file=sys.stderr)
+    print(f"wrote {args.out} (pattern {info['pattern']}, SLoRB {info['slorb'] or 'none'})")
+    if not args.verify:
+        return info
+    wt = load_wikitext_tokens(args.wikitext_dir, "test") if args.verify_ppl_windows > 0 else None
+    report = verify_export(model, args.out, info, wt, args.verify_ppl_windows)
+    if not report["ok"]:
+        print("error: the export does not reproduce the checkpoint (see above): please report this as a bug",
+              file=sys.stderr)
+        sys.exit(1)
+    return {**info, "verify": report}
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,145 @@
+"""Collect the evaluation JSON of several runs into the paper's table (Markdown, and optionally JSON).
+
+    python results.py --label Dense=out/dense.json --label SparseGPT=out/sparsegpt.json out/gmp out/ast_naive
+
+Reads main.py's results.json (give the file or its out_dir), prune.py --results files and evaluate.py --out
+files. A row is named by its --label NAME=PATH, else by its folder (results.json) or file name. Rows appear in
+the order given: --label rows first, then the plain paths.
+"""
+import json
+import os
+
+import cli
+from cli import UserError
+
+COLUMNS = ("method", "training", "WikiText-2 ppl", "C4 val loss", "tokens", "sparsity / N:M")
+
+
+def read_run(path):
+    """The JSON dict of a run: a file, or a folder holding results.json."""
+    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UserError(f"{file} not found: pass a results JSON (main.py results.json, prune.py --results, "
+                        "evaluate.py --out) or a main.py out_dir")
+    try:
+        with open(file) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(run, dict):
+        raise UserError(f"{file} does not hold a JSON object of results")
+    return file, run
+
+
+def default_label(path, file):
+    if os.path.isdir(path) or os.path.basename(file) == "results.json":
+        return os.path.basename(os.path.dirname(os.path.abspath(file)))
+    return os.path.splitext(os.path.basename(file))[0]
+
+
+def training_of(run):
+    """'yes (...)' for main.py runs, 'no (method)' for prune.py, '–' when the JSON does not say (evaluate.py)."""
+    if "config" in run and isinstance(run["config"], dict):  # main.py
+        cfg = run["config"]
+        if cfg.get("mode") == "dense":
+            what = ["dense"]
+        else:
+            what = [{"gradual": "GMP", "iterative": "IMP"}.get(cfg.get("prune_schedule"), "AST")]
+        what += [name for flag, name in (("distill_model", "distill"), ("SLoRB", "SLoRB")) if cfg.get(flag)]
+        if cfg.get("srste_decay"):
+            what.append("SR-STE")
+        return f"yes ({' + '.join(what)})"
+    if run.get("training") is False or "method" in run:  # prune.py
+        return f"no ({run.get('method', 'one-shot')})"
+    return "–"
+
+
+def pattern_of(run):
+    if run.get("pattern"):
+        return run["pattern"]
+    cfg = run.get("config") or {}
+    if "N" in cfg and "M" in cfg:
+        return f"{cfg['N']}:{cfg['M']}"
+    return "N:M"
+
+
+def sparsity_cell(run):
+    share = run.get("mean_sparsity")
+    if not run.get("sparse_layers"):
+        return "dense"
+    pct = f"{100 * share:.1f} %" if share is not None else "?"
+    if run.get("nm_ok") is True:
+        return f"{pattern_of(run)} ✓ ({pct})"
+    if run.get("nm_ok") is False:
+        return f"{pattern_of(run)} ✗ NOT N:M ({pct})"
+    return f"unstructured ({pct})"
+
+
+def human_tokens(n):
+    if n is None:
+        return "–"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def ppl_cell(run):
+    ppl = run.get("wikitext_ppl")
+    if ppl is None:
+        return "–"
+    windows = run.get("ppl_windows")
+    # a partial evaluation is not comparable with the paper's numbers: say so in the cell
+    return f"{ppl:.2f}" + (f" ({windows} windows)" if windows else "")
+
+
+def collect(labelled, paths):
+    """One row dict per run: the table's cells plus the raw numbers."""
+    rows = []
+    for label, path in [*labelled, *((None, p) for p in paths)]:
+        file, run = read_run(path)
+        rows.append({
+            "method": label or default_label(path, file), "training": training_of(run),
+            "WikiText-2 ppl": ppl_cell(run),
+            "C4 val loss": f"{run['val_loss']:.4f}" if run.get("val_loss") is not None else "–",
+            "tokens": human_tokens(run.get("tokens")), "sparsity / N:M": sparsity_cell(run),
+            "source": file, "wikitext_ppl": run.get("wikitext_ppl"), "ppl_windows": run.get("ppl_windows"),
+            "val_loss": run.get("val_loss"), "tokens_raw": run.get("tokens"), "nm_ok": run.get("nm_ok"),
+            "mean_sparsity": run.get("mean_sparsity"),
+        })
+    return rows
+
+
+def markdown(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_label(spec):
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise UserError(f"--label expects NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(prog="results.py", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="*", help="results JSON files or main.py out_dirs (row named by folder/file)")
+    p.add_argument("--label", action="append", default=[], metavar="NAME=PATH", help="a row named NAME")
+    p.add_argument("--json", default="", help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    labelled = [parse_label(spec) for spec in args.label]
+    if not labelled and not args.paths:
+        raise UserError("no runs given: pass results files or folders, or --label NAME=PATH")
+    rows = collect(labelled, args.paths)
+    table = markdown(rows)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2, ensure_ascii=False)
+    return table, rows
+
+
+if __name__ == "__main__":
+    cli.run(main)
