@@ -23,9 +23,14 @@ class TrainConfig:
     config: str = opt("", "config file (configs/NAME.py or .json, or a bare name in configs/) applied before flags")
     out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and results.json")
     init_from: str = opt("", "'' starts from --student_model; 'resume' continues out_dir/ckpt.pt exactly; "
+                             "'scratch' builds a random GPT-2 of --n_layer/--n_head/--n_embd (pretraining); "
                              "or a checkpoint .pt (e.g. from prune.py) to start from")
     student_model: str = opt("gpt2", "student: gpt2, gpt2-medium, gpt2-large, gpt2-xl (folders in the project "
                                      "root) or any Hugging Face GPT-2 folder")
+    n_layer: int = opt(12, "--init_from scratch only: number of blocks")
+    n_head: int = opt(12, "--init_from scratch only: attention heads")
+    n_embd: int = opt(768, "--init_from scratch only: width")
+    dropout: float = opt(0.0, "--init_from scratch only: dropout")
     teacher_model: str = opt("gpt2", "dense teacher for distillation (any GPT-2 size with the same vocabulary)")
     data_dir: str = opt("data/c4_dataset", "folder with train.bin and val.bin from data/c4_dataset/prepare.py")
     wikitext_dir: str = opt("data/wikitext", "folder with test.bin from data/wikitext/prepare.py")
@@ -218,6 +223,8 @@ def validate(cfg: TrainConfig):
             raise UserError(f"--prune_end {cfg.prune_end} must be after --prune_start {cfg.prune_start}")
     if cfg.hardness_squarehead < 0 or cfg.hardness_kldiv < 0 or cfg.hardness_task < 0:
         raise UserError("the --hardness_* weights must be non-negative")
+    if cfg.init_from == "scratch" and (cfg.n_embd % cfg.n_head or min(cfg.n_layer, cfg.n_head) < 1):
+        raise UserError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head} (both >= 1)")
     if cfg.distill_temperature <= 0:
         raise UserError(f"--distill_temperature must be positive, got {cfg.distill_temperature}")
 

@@ -29,7 +29,7 @@ from cli import UserError
 from config import TrainConfig, help_text, parse_config
 from data.loader import BinDataset, GlobalBatchSampler, load_calibration, load_wikitext_tokens, micro_batches
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
-from model import GPT
+from model import GPT, GPTConfig
 from sparsity import (SRSTEAdamW, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers, sparsify,
                       srste_lambda, update_masks)
 
@@ -130,6 +130,9 @@ def build_student(cfg: TrainConfig, rt: Runtime, train: BinDataset) -> GPT:
         if cfg.block_size > model.config.block_size:
             raise UserError(f"--block_size {cfg.block_size} exceeds the context of {init} "
                             f"({model.config.block_size})")
+    elif init == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, dropout=cfg.dropout))
     else:
         model = GPT.from_pretrained(init or cfg.student_model, block_size=cfg.block_size)
     if cfg.mode == "sparse_forward" and not sparse_layers(model):

@@ -227,3 +227,13 @@ def test_plot_draws_a_png_from_metrics(tiny_data, tiny_models, tmp_path):
     assert series["loss"][0] == list(range(1, 7)) and series["val_loss"][0] == [0, 3, 6]
     out = plot.plot_runs([str(tmp_path / "run")], str(tmp_path / "c.png"))
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, tiny_models, tmp_path):
+    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "run", "--max_iters", "3"))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    proc = run_cli(shrink(tiny_data, tiny_models, tmp_path / "run", "--init_from", "resume", "--max_iters", "9",
+                          "--learning_rate", "1e38", "--min_lr", "1e38", "--grad_clip", "0"))
+    assert proc.returncode == 2 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert ckpt.read_bytes() == before

@@ -1,0 +1,60 @@
+"""demo.py end to end in its tiny preset: every stage through the public commands, the table, resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_demo(out_dir, *extra):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "demo.py"), "--preset", "tiny", "--quiet",
+                           "--out_dir", str(out_dir), *extra], capture_output=True, text=True, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = run_demo(out, "--data_root", data_root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_demo_table_has_every_method_and_every_sparse_result_is_2_4(demo_run):
+    out, proc = demo_run
+    summary = json.load(open(out / "results.json"))
+    keys = [r["key"] for r in summary["rows"]]
+    assert keys == ["teacher", "dense_continued", "oneshot_magnitude", "oneshot_wanda", "oneshot_sparsegpt",
+                    "naive_retrain", "gmp", "imp", "ast_naive", "ast_boosted"]
+    for row in summary["rows"]:
+        assert row["wikitext_ppl"] > 1 and row["val_loss"] > 0
+        if row["key"] in ("teacher", "dense_continued"):
+            assert row["nm_ok"] is None and row["mean_sparsity"] == 0
+        else:
+            assert row["nm_ok"] is True and row["mean_sparsity"] == pytest.approx(0.5)
+    trained = [r for r in summary["rows"] if r["training"].startswith("yes")]
+    assert len({r["tokens"] for r in trained}) == 1 and trained[0]["tokens"] > 0  # equal token budgets
+    control = next(r for r in summary["rows"] if r["key"] == "dense_continued")
+    assert control["ppl_vs_control"] == pytest.approx(1.0)
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 11 and "AST-Boosted" in md and "2:4 ✓" in md
+    assert open(out / "curves.png", "rb").read(4) == b"\x89PNG"
+    assert "main.py" in proc.stdout and "prune.py" in proc.stdout  # the public commands are printed
+
+
+def test_demo_rerun_skips_finished_stages_and_gives_the_same_table(demo_run, data_root):
+    out, _ = demo_run
+    before = json.load(open(out / "results.json"))
+    proc = run_demo(out, "--data_root", data_root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("skipped") == 15 and "$ " not in proc.stdout
+    after = json.load(open(out / "results.json"))
+    assert after["rows"] == before["rows"]
+
+
+def test_demo_without_data_names_the_download_command(tmp_path):
+    proc = run_demo(tmp_path / "out", "--data_root", str(tmp_path / "nothing"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--download" in proc.stderr
