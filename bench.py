@@ -1,22 +1,682 @@
-"""Benchmarks, one named section each: `python bench.py [--only NAME[,NAME...]] [--device cpu] [--out FILE.json]`.
+"""Benchmarks: `python bench.py --preset tiny|small|gpt2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
 
-A section is a function (args) -> list of row dicts. Rows are printed as a table per section and, with --out,
-saved as JSON {section: rows}. To add one: write the function and give it a name in SECTIONS.
+Other flags: --variants (the training-step variants), --repeats / --warmup (the preset's by default), --out FILE.
+
+Every compared figure is a ratio against a baseline measured in the same run, interleaved: each repeat round
+runs every variant once (A B C …, the next round C B A …, so a slow drift of the machine hits all variants
+alike), warm-up rounds are dropped, and a ratio is the median over rounds of (variant / baseline of the same
+round), shown with its min–max. On a shared 2-core machine absolute seconds drift by tens of percent between
+minutes; neighbours in time much less.
+
+Presets are random-weight GPT-2 models (no pretrained weights are needed to time them): `tiny` (2 × 64,
+block 64, seconds, one thread; the test runs it), `small` (6 × 384, block 256, batch 2) and `gpt2` (GPT-2 124M
+shapes at block 1024, batch 1). Each variant's model is built once and kept while a later section needs it.
+Memory is measured in a fresh process per variant; the GPU-only sections (bf16 steps, 2:4 sparse matmuls)
+return a row saying why they were skipped elsewhere.
+
+A section is a function (args) -> list of row dicts, named in SECTIONS. Rows are printed as one table per
+section and saved, with a `meta` entry (preset, device, threads, torch, load average), as JSON
+{section: rows} to --out (default out/bench_PRESET_DEVICE.json). BENCHMARKS.md holds the figures and analysis.
 """
+import contextlib
+import gc
+import io
 import json
 import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from types import SimpleNamespace
 
-from cli import ArgumentParser, UserError, run
+import torch
+
+from cli import REPO_ROOT, ArgumentParser, UserError, default_data_root, run
+
+MiB = 2 ** 20
+VOCAB_SIZE = 50257  # GPT-2's tokenizer: the lm_head is a large part of every step
+
+
+# ------------------------------------------------------------------------------------------------ presets
+@dataclass(frozen=True)
+class Preset:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int        # micro-batch in sequences, the same for every variant
+    repeats: int           # timed rounds (after the warm-up rounds)
+    warmup: int
+    eval_windows: int      # WikiText-2 windows per timed evaluation
+    prepare_inputs: str    # "c4_head": 300 documents of the C4 train head; "all": every shared web-text sample
+    distill_seq_len: int   # tokens of the distill_memory section (1024 = the published setting)
+    threads: int = 0       # torch CPU threads unless --threads says otherwise (0 = torch's default)
+
+
+PRESETS = {
+    "tiny": Preset(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=2, repeats=5, warmup=1,
+                   eval_windows=4, prepare_inputs="c4_head", distill_seq_len=256, threads=1),
+    "small": Preset(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=2, repeats=7, warmup=1,
+                    eval_windows=4, prepare_inputs="all", distill_seq_len=1024),
+    "gpt2": Preset(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, repeats=5, warmup=1,
+                   eval_windows=2, prepare_inputs="all", distill_seq_len=1024),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one training step does on top of the dense model."""
+    label: str
+    sparse: bool = False        # 2:4 masks, magnitude, straight-through estimator
+    srste: bool = False         # SRSTEAdamW, the paper's variant, λ = 1e-4 (the published srste_decay)
+    slorb: str = "none"         # none | fixed | trainable (SLoRB k = 16, mean init)
+    distill: bool = False       # frozen dense teacher, loss 0.33 CE + 0.67 KL (τ = 2)
+    distill_chunks: int = 1     # the distillation loss in this many token chunks (>1: recomputed in backward)
+    teacher_dtype: str = "auto"  # main.py's --teacher_dtype: auto = bfloat16 on GPUs, float32 on CPU
+    target: float = None        # the issue's ceiling on the ratio to the dense step (gpt2 preset)
+
+
+STEP_VARIANTS = {
+    "dense": Variant("dense GPT-2, torch AdamW"),
+    "masks": Variant("2:4 masks (STE), torch AdamW", sparse=True, target=1.03),
+    "masks+srste": Variant("+ SR-STE AdamW (paper variant)", sparse=True, srste=True),
+    "masks+srste+slorb": Variant("+ SLoRB k=16, fixed projection", sparse=True, srste=True, slorb="fixed",
+                                 target=1.10),
+    "masks+srste+slorb_tp": Variant("+ SLoRB k=16, trainable projection", sparse=True, srste=True,
+                                    slorb="trainable"),
+    "masks+distill": Variant("2:4 masks + distillation (teacher forward, KL)", sparse=True, distill=True),
+    "all": Variant("masks + SR-STE + SLoRB (trainable) + distillation", sparse=True, srste=True,
+                   slorb="trainable", distill=True, target=1.40),
+    "all_chunked": Variant("all, distillation loss in 4 chunks (recomputed in backward)", sparse=True,
+                           srste=True, slorb="trainable", distill=True, distill_chunks=4),
+    "all_bf16_teacher": Variant("all, teacher held in bf16 (--teacher_dtype bfloat16, the GPU default)",
+                                sparse=True, srste=True, slorb="trainable", distill=True,
+                                teacher_dtype="bfloat16"),
+}
+
+MEMORY_VARIANTS = ("dense", "masks", "all")
+
+
+def model_config(preset: Preset):
+    from model import GPTConfig
+    return GPTConfig(block_size=preset.block_size, vocab_size=VOCAB_SIZE, n_layer=preset.n_layer,
+                     n_head=preset.n_head, n_embd=preset.n_embd)
+
+
+def train_config(preset: Preset, variant: Variant):
+    """The main.py configuration this variant corresponds to (learning rate, betas, clip, hardness, ...)."""
+    from config import TrainConfig
+    tokens = preset.batch_size * preset.block_size
+    return TrainConfig(mode="sparse_forward" if variant.sparse else "dense", mask_metric="magnitude",
+                       srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast",
+                       SLoRB=variant.slorb != "none", SLoRB_k=16, SLoRB_init_type="mean",
+                       trainable_projection=variant.slorb == "trainable", distill_model=variant.distill,
+                       distill_chunk_size=max(tokens // variant.distill_chunks, 1),
+                       teacher_dtype=variant.teacher_dtype,
+                       block_size=preset.block_size, batch_size=preset.batch_size,
+                       global_batch_size=preset.batch_size)
+
+
+# ------------------------------------------------------------------------------------------------ one variant
+def teacher_dtype(variant: Variant, device) -> str:
+    """main.py's choice: --teacher_dtype, where auto = bfloat16 on GPUs and float32 on CPU."""
+    if variant.teacher_dtype != "auto":
+        return variant.teacher_dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def build_teacher(preset: Preset, device, dtype="float32", seed=1):
+    """A random dense teacher of the student's shape, frozen, in dtype (a distill.TEACHER_DTYPES key)."""
+    from distill import TEACHER_DTYPES, Teacher
+    torch.manual_seed(seed)
+    return Teacher(model_config(preset)).to(device=device, dtype=TEACHER_DTYPES[dtype])
+
+
+class Trainer:
+    """One variant: its model, optimizer, objective and a fixed batch; step() is one main.py training step.
+
+    Built as main.py builds it (sparsify, configure_optimizer, Distiller), from the same random weights and
+    the same batch for every variant.
+    """
+
+    def __init__(self, preset: Preset, variant: Variant, device="cpu", dtype="float32",
+                 gradient_checkpointing=False, teacher=None, seed=0):
+        from distill import Distiller
+        from main import PTDTYPE, configure_optimizer
+        from model import GPT
+        from sparsity import sparsify
+
+        self.variant, self.device = variant, device
+        cfg = self.cfg = train_config(preset, variant)
+        torch.manual_seed(seed)
+        model = GPT(model_config(preset)).to(device)
+        if variant.sparse:
+            sparsify(model, n=cfg.N, m=cfg.M, metric=cfg.mask_metric, slorb_k=cfg.SLoRB_k if cfg.SLoRB else 0,
+                     slorb_init=cfg.SLoRB_init_type, trainable_projection=cfg.trainable_projection)
+        model.gradient_checkpointing = gradient_checkpointing
+        self.model = model.train()
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.optimizer = configure_optimizer(model, cfg, SimpleNamespace(device_type=device_type))
+        self.distiller = None
+        if variant.distill:
+            teacher = teacher if teacher is not None else \
+                build_teacher(preset, device, teacher_dtype(variant, device))
+            self.distiller = Distiller(teacher, model.config, cfg.hardness_task, cfg.hardness_kldiv,
+                                       cfg.hardness_squarehead, cfg.distill_temperature, cfg.distill_chunk_size)
+        self.ctx = contextlib.nullcontext() if dtype == "float32" else \
+            torch.autocast(device_type=device_type, dtype=PTDTYPE[dtype])
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(VOCAB_SIZE, (preset.batch_size, preset.block_size + 1), generator=gen)
+        self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+    def step(self):
+        """Forward, backward, clip, optimizer step, zero_grad: main.py's step at one micro-batch per step."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate
+            group["srste_lambda"] = cfg.srste_decay
+        with self.ctx:
+            if self.distiller is not None:
+                loss, _ = self.distiller(self.model, self.x, self.y)
+            else:
+                _, loss = self.model(self.x, targets=self.y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise RuntimeError(f"non-finite gradient in the {self.variant.label} benchmark step")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class Workbench:
+    """The run's trainers, each built once on first use and kept (the frozen teachers are shared)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.trainers = {}
+        self.teachers = {}
+
+    def trainer(self, name, dtype="float32") -> Trainer:
+        key = (name, dtype)
+        if key not in self.trainers:
+            variant = STEP_VARIANTS[name]
+            teacher = None
+            if variant.distill:
+                t_dtype = teacher_dtype(variant, self.args.device)
+                if t_dtype not in self.teachers:
+                    self.teachers[t_dtype] = build_teacher(self.args.preset, self.args.device, t_dtype)
+                teacher = self.teachers[t_dtype]
+            self.trainers[key] = Trainer(self.args.preset, variant, self.args.device, dtype, teacher=teacher)
+        return self.trainers[key]
+
+    def keep_only(self, names):
+        """Free the trainers (and teachers) no later section needs: a gpt2-sized one holds about 2 GB."""
+        self.trainers = {key: t for key, t in self.trainers.items() if key[0] in names}
+        used = {id(t.distiller.teacher) for t in self.trainers.values() if t.distiller is not None}
+        self.teachers = {dtype: t for dtype, t in self.teachers.items() if id(t) in used}
+        gc.collect()
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int, device="cpu") -> dict:
+    """{name: [seconds per timed round]}: every round calls each fn once, alternating the order each round."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_stats(seconds):
+    return dict(median_s=round(statistics.median(seconds), 4), min_s=round(min(seconds), 4),
+                max_s=round(max(seconds), 4))
+
+
+def paired_ratio(seconds, baseline, prefix="ratio"):
+    """Median and min–max over rounds of seconds[i] / baseline[i] (both timed in round i)."""
+    ratios = [s / b for s, b in zip(seconds, baseline)]
+    return {prefix: round(statistics.median(ratios), 3), f"{prefix}_min": round(min(ratios), 3),
+            f"{prefix}_max": round(max(ratios), 3)}
+
+
+def verdict(value, target):
+    if target is None:
+        return ""
+    return "yes" if value <= target else "NO"
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def _train_step_rows(args, dtype):
+    names = args.variants
+    trainers = {name: args.bench.trainer(name, dtype) for name in names}
+    times = interleaved({name: t.step for name, t in trainers.items()}, args.repeats, args.warmup, args.device)
+    rows = []
+    for name in names:
+        v = STEP_VARIANTS[name]
+        row = dict(variant=name, what=v.label, dtype=dtype, **time_stats(times[name]),
+                   **paired_ratio(times[name], times["dense"]))
+        row.update(target=v.target if v.target is not None else "", met=verdict(row["ratio"], v.target))
+        rows.append(row)
+    return rows
+
+
+def train_step(args):
+    """One full training step per variant (forward, backward, clip, optimizer), as a ratio to the dense step."""
+    return _train_step_rows(args, "float32")
+
+
+def train_step_bf16(args):
+    """GPU only: the same steps under bf16 autocast (fp32 master weights, bf16 teacher), as main.py trains."""
+    if not args.device.startswith("cuda"):
+        return [dict(skipped="needs --device cuda: bf16 autocast (fp32 master weights, bf16 teacher) is how "
+                             "main.py trains on GPUs; on CPU it trains in fp32")]
+    return _train_step_rows(args, "bfloat16")
+
+
+def components(args):
+    """What each addition costs on its own, interleaved with the dense step and as a fraction of it: the
+    optimizers on the same gradients, the forward weight of every sparse layer (W ⊙ M, + SLoRB's ΔW) forward
+    and backward, the teacher's blocks, and the training loss alone on fixed features (CE vs the teacher's
+    lm_head + 0.33 CE + 0.67 KL), forward and backward. The step variants' ratios are about 1 + the sum of their
+    parts (less where a part overlaps what the dense step already pays)."""
+    import torch.nn.functional as F
+
+    from distill import chunked_ce_and_kl
+    from sparsity import sparse_layers
+
+    b = args.bench
+    dense, masks, srste = b.trainer("dense"), b.trainer("masks"), b.trainer("masks+srste")
+    distilled = b.trainer("masks+distill")
+    teacher, cfg = distilled.distiller.teacher, distilled.cfg
+
+    # the two optimizers step the same model shapes on the same (shared, random) gradients
+    for p_a, p_b in zip(masks.model.parameters(), srste.model.parameters()):
+        p_a.grad = p_b.grad = torch.randn_like(p_a) * 1e-3
+    for group in srste.optimizer.param_groups:
+        group["srste_lambda"] = srste.cfg.srste_decay
+
+    # the forward weights of other trainers' models than the two above, whose gradients must stay put
+    weight_models = {"masks": distilled.model, "fixed": b.trainer("masks+srste+slorb").model,
+                     "trainable": b.trainer("masks+srste+slorb_tp").model}
+
+    def forward_weights(kind, backward=True):
+        layers = [layer for _, layer in sparse_layers(weight_models[kind])]
+        grads = [torch.randn_like(layer.weight) for layer in layers] if backward else None
+
+        def run():
+            if not backward:
+                with torch.no_grad():
+                    for layer in layers:
+                        layer.forward_weight()
+                return
+            for layer, g in zip(layers, grads):  # gradients accumulate into .grad, as in a step
+                layer.forward_weight().backward(g)
+        return run
+
+    with torch.no_grad():
+        feats = dense.model(dense.x, features_only=True).flatten(0, 1)
+        t_feats = teacher(dense.x, features_only=True).flatten(0, 1)
+    head, y = dense.model.lm_head.weight, dense.y.flatten()
+
+    def teacher_blocks():
+        with torch.no_grad():
+            teacher(dense.x, features_only=True)
+
+    def loss(distil):
+        def run():
+            f, h = feats.detach().requires_grad_(), head.detach().requires_grad_()
+            with dense.ctx:
+                if distil:
+                    ce, kl = chunked_ce_and_kl(f, h, y, t_feats, teacher.lm_head.weight, cfg.distill_temperature,
+                                               cfg.distill_chunk_size)
+                    total = cfg.hardness_task * ce + cfg.hardness_kldiv * kl
+                else:  # what GPT.forward does with targets
+                    total = F.cross_entropy(F.linear(f, h).float(), y, ignore_index=-1)
+            total.backward()
+        return run
+
+    parts = {
+        "dense training step": (dense.step, "the baseline"),
+        "optimizer: torch AdamW": (masks.optimizer.step, "dense, masks"),
+        "optimizer: SRSTEAdamW (paper, λ = 1e-4)": (srste.optimizer.step, "+ SR-STE: the difference of the two"),
+        "sparse-layer weights W ⊙ M, forward": (forward_weights("masks", backward=False),
+                                                "masks (the STE backward passes the gradient through)"),
+        "W ⊙ M, forward + backward": (forward_weights("masks"), "the reference of the next two"),
+        "W ⊙ M + S X, fixed X, forward + backward": (forward_weights("fixed"), "+ SLoRB fixed: the difference"),
+        "W ⊙ M + S X, trainable X, forward + backward": (forward_weights("trainable"),
+                                                         "+ SLoRB trainable: the difference"),
+        "teacher forward, blocks (features)": (teacher_blocks, "distillation"),
+        "loss: lm_head + CE (fwd + bwd)": (loss(False), "every step (the reference of the next)"),
+        "loss: lm_head + teacher lm_head + 0.33 CE + 0.67 KL": (loss(True), "distillation: the difference"),
+    }
+    try:
+        times = interleaved({name: fn for name, (fn, _) in parts.items()}, args.repeats, args.warmup, args.device)
+    finally:
+        for model in (masks.model, srste.model, *weight_models.values()):
+            model.zero_grad(set_to_none=True)
+    base = times["dense training step"]
+    return [dict(part=name, adds_to=adds_to, **time_stats(times[name]), **paired_ratio(times[name], base,
+                                                                                        "of_dense_step"))
+            for name, (_, adds_to) in parts.items()]
+
+
+def mask_recompute(args):
+    """update_masks() over every sparse layer (magnitude and Wanda), as a ratio to one training step."""
+    from sparsity import collect_input_norms, sparse_layers, update_masks
+
+    t = args.bench.trainer("masks")
+    layers = [layer for _, layer in sparse_layers(t.model)]
+    with collect_input_norms(t.model):  # Wanda's ||X_j|| from one forward of the dense model
+        t.model(t.x)
+
+    def recompute(metric):
+        for layer in layers:
+            layer.metric = metric
+        try:
+            update_masks(t.model)
+        finally:
+            for layer in layers:
+                layer.metric = "magnitude"
+
+    times = interleaved({"step": t.step, "magnitude": lambda: recompute("magnitude"),
+                         "wanda": lambda: recompute("wanda")}, args.repeats, args.warmup, args.device)
+    weights = sum(layer.weight.numel() for layer in layers)
+    rows = [dict(what="training step (masks variant)", layers=len(layers), weights=weights,
+                 **time_stats(times["step"]), ratio_vs_step=1.0)]
+    for metric in ("magnitude", "wanda"):
+        r = paired_ratio(times[metric], times["step"], "ratio_vs_step")
+        rows.append(dict(what=f"update_masks, {metric}", layers=len(layers), weights=weights,
+                         **time_stats(times[metric]), **r, target=0.05, met=verdict(r["ratio_vs_step"], 0.05),
+                         amortised_every_10_steps=round(r["ratio_vs_step"] / 10, 4)))
+    return rows
+
+
+def measure_step_memory(preset, variant, device="cpu", gradient_checkpointing=False, threads=0,
+                        fresh_process=True) -> dict:
+    """Memory of one steady-state training step of a variant (the second step: optimizer state exists).
+
+    state_mib: what the trainer holds between steps (weights, masks, optimizer state, teacher), above the
+    interpreter with its modules imported; peak_mib: the peak during the step, on the same base; step_mib = peak − state (activations,
+    gradients, logits). CPU: resident set size (VmHWM, reset through /proc/self/clear_refs); CUDA:
+    max_memory_allocated. fresh_process: measure in a new process (see in_fresh_processes).
+    """
+    kwargs = dict(preset=preset, variant=variant, device=device, gradient_checkpointing=gradient_checkpointing,
+                  threads=threads)
+    if fresh_process:
+        return in_fresh_processes(measure_step_memory, [dict(kwargs, fresh_process=False)])[0]
+
+    import main  # noqa: F401  every module the trainer needs, imported before the base is taken
+    from distill import _peak_since_start, _start_peak_tracking
+    if threads:
+        torch.set_num_threads(threads)
+    gc.collect()
+    base, _ = _start_peak_tracking(device)
+    trainer = Trainer(PRESETS[preset], STEP_VARIANTS[variant], device,
+                      gradient_checkpointing=gradient_checkpointing)
+    trainer.step()  # allocates the optimizer state
+    gc.collect()
+    before, method = _start_peak_tracking(device)
+    trainer.step()
+    synchronize(device)
+    peak = _peak_since_start(device, method)
+    return dict(kwargs, state_mib=round((before - base) / MiB, 1), peak_mib=round((peak - base) / MiB, 1),
+                step_mib=round((peak - before) / MiB, 1), method=method)
+
+
+def _call(fn_and_kwargs):
+    fn, kwargs = fn_and_kwargs
+    return fn(**kwargs)
+
+
+def in_fresh_processes(fn, calls, jobs=1):
+    """[fn(**kwargs) for kwargs in calls], each call in a process of its own, `jobs` at a time.
+
+    The processes are forked from a server that has only imported torch and the project, so each starts clean
+    without paying the imports again (seconds each), and with glibc returning every freed buffer to the OS at
+    once (as distill.measure_loss_peak_memory's subprocesses), so a process's resident set is what is live.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "main", "distill", "bench"])
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the server when it starts
+    try:
+        with ctx.Pool(jobs, maxtasksperchild=1) as pool:
+            return pool.map(_call, [(fn, kwargs) for kwargs in calls], chunksize=1)
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
+
+def memory(args):
+    """Peak memory of a training step: dense vs sparse vs distillation, without and with gradient checkpointing,
+    each in a fresh process."""
+    cases = [(name, ckpt) for name in MEMORY_VARIANTS for ckpt in (False, True)]
+    # Each process measures only its own memory, so two can run at once (on CPU; one GPU is shared).
+    jobs = 1 if args.device.startswith("cuda") else min(2, os.cpu_count() or 1)
+    results = in_fresh_processes(measure_step_memory, [
+        dict(preset=args.preset_name, variant=name, device=args.device, gradient_checkpointing=ckpt,
+             threads=args.threads, fresh_process=False) for name, ckpt in cases], jobs)
+    rows = [dict(variant=name, gradient_checkpointing=ckpt, state_mib=r["state_mib"], step_mib=r["step_mib"],
+                 peak_mib=r["peak_mib"], method=r["method"]) for (name, ckpt), r in zip(cases, results)]
+    reference = rows[0]["peak_mib"]
+    for row in rows:
+        row["peak_vs_dense"] = round(row["peak_mib"] / reference, 3)
+    return rows
+
+
+def wikitext_tokens():
+    """(tokens, where from): data/wikitext/test.bin, else the shared WikiText-2 tokenised now, else random."""
+    from data.loader import load_wikitext_tokens
+
+    prepared = os.path.join(REPO_ROOT, "data", "wikitext")
+    if os.path.isfile(os.path.join(prepared, "test.bin")):
+        return load_wikitext_tokens(prepared, "test"), "data/wikitext/test.bin"
+    shared = os.path.join(default_data_root(), "wikitext2")
+    if os.path.isdir(shared):
+        from data.wikitext import prepare as wikitext_prepare
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            wikitext_prepare.main(["--input", shared, "--out_dir", tmp])
+            return load_wikitext_tokens(tmp, "test"), "shared wikitext2, tokenised now"
+    return torch.randint(VOCAB_SIZE, (287644,), generator=torch.Generator().manual_seed(0)), "random tokens"
+
+
+def eval_throughput(args):
+    """WikiText-2 perplexity evaluation (evaluate.wikitext_perplexity) in tokens/s, dense vs 2:4 masks."""
+    from evaluate import wikitext_perplexity
+
+    p = args.preset
+    tokens, source = wikitext_tokens()
+    seq = min(1024, p.block_size)
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"  # main.py's autocast choice
+    ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast("cuda", dtype=torch.bfloat16)
+    models = {name: args.bench.trainer(name).model for name in ("dense", "masks")}
+    fns = {name: (lambda m=m: wikitext_perplexity(m, tokens, p.block_size, p.eval_windows, p.batch_size,
+                                                  args.device, ctx))
+           for name, m in models.items()}
+    times = interleaved(fns, args.repeats, args.warmup, args.device)
+    n_tokens = p.eval_windows * seq
+    rows = []
+    for name in models:
+        t = times[name]
+        rows.append(dict(model=name, windows=p.eval_windows, window=seq, tokens=n_tokens, dtype=dtype,
+                         tokens_per_s=round(n_tokens / statistics.median(t)),
+                         tokens_per_s_min=round(n_tokens / max(t)), tokens_per_s_max=round(n_tokens / min(t)),
+                         **paired_ratio(t, times["dense"], "time_vs_dense"), source=source))
+    return rows
+
+
+def prepare_inputs(kind):
+    """(files, extra prepare.py flags) for the C4 prepare benchmark, or None without the shared data."""
+    root = default_data_root()
+    head = os.path.join(root, "c4", "en", "c4-train.00000-of-01024.head1000.json.gz")
+    if kind == "c4_head":
+        return ([head], ["--max_docs", "300"]) if os.path.isfile(head) else None
+    import glob  # the same files as data/bench_prepare.py
+    files = sorted(glob.glob(os.path.join(root, "c4", "en", "*.json.gz"))
+                   + glob.glob(os.path.join(root, "fineweb", "*.json.gz"))
+                   + glob.glob(os.path.join(root, "webtext", "*.json.gz")))
+    return (files, []) if files else None
+
+
+def prepare_throughput(args):
+    """C4 prepare (data/c4_dataset/prepare.py main: read, tokenise, write, sha256) in tokens/s, 1 vs 2 workers."""
+    from data.c4_dataset import prepare
+    from data.tokenizer import get_gpt2_encoding
+
+    found = prepare_inputs(args.preset.prepare_inputs)
+    if found is None:
+        return [dict(skipped=f"no shared web-text samples under {default_data_root()} (set SPARSE_GPT2_DATA)")]
+    files, extra = found
+    get_gpt2_encoding()  # loaded once, outside the timed runs
+    counted = {}
+
+    def prepare_once(num_proc):
+        with tempfile.TemporaryDirectory() as out_dir, contextlib.redirect_stdout(io.StringIO()):
+            meta = prepare.main([a for f in files for a in ("--input", f)] + extra + [
+                "--out_dir", out_dir, "--val_fraction", "0.005", "--num_proc", str(num_proc)])
+        counted[num_proc] = sum(s["tokens"] for s in meta["splits"].values())
+
+    procs = (1, 2)
+    times = interleaved({n: (lambda n=n: prepare_once(n)) for n in procs}, args.repeats, args.warmup)
+    rows = []
+    for n in procs:
+        t = times[n]
+        rows.append(dict(num_proc=n, files=len(files), tokens=counted[n],
+                         tokens_per_s=round(counted[n] / statistics.median(t)), **time_stats(t),
+                         **paired_ratio(t, times[1], "time_vs_1_proc")))
+    return rows
+
+
+def _top_ops(prof, scope, top, device):
+    events = prof.key_averages()
+    total_cpu = sum(e.self_cpu_time_total for e in events) or 1.0
+    calls = sum(e.count for e in events)
+    rows = [dict(scope=scope, op=f"(all {len(events)} ops)", calls=calls,
+                 self_cpu_ms=round(total_cpu / 1000, 1), self_cpu_pct=100.0)]
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+        row = dict(scope=scope, op=e.key, calls=e.count, self_cpu_ms=round(e.self_cpu_time_total / 1000, 1),
+                   self_cpu_pct=round(100 * e.self_cpu_time_total / total_cpu, 1))
+        if device.startswith("cuda"):
+            row["self_cuda_ms"] = round(getattr(e, "self_device_time_total", 0) / 1000, 1)
+        rows.append(row)
+    return rows
+
+
+def profile(args):
+    """torch.profiler top operators (self time, calls) of one sparse step, one distillation step and one mask
+    recompute: call counts scale with layers and tensors, never with the number of weight groups."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from sparsity import update_masks
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    rows = []
+    for name in ("masks+srste+slorb", "all"):
+        t = args.bench.trainer(name)
+        t.step()  # warm: optimizer state exists, allocator caches filled
+        with torch_profile(activities=activities) as prof:
+            t.step()
+            synchronize(args.device)
+        rows += _top_ops(prof, f"train step: {name}", 10, args.device)
+    t = args.bench.trainer("masks+srste+slorb")
+    with torch_profile(activities=activities) as prof:
+        update_masks(t.model)
+        synchronize(args.device)
+    rows += _top_ops(prof, "update_masks (magnitude, all layers)", 8, args.device)
+    return rows
+
+
+SEMI_STRUCTURED_SHAPES = {  # (out, in) of the four block linears
+    "gpt2": 768,
+    "gpt2-xl": 1600,
+}
+
+
+def semi_structured(args):
+    """GPU only: torch.sparse.to_sparse_semi_structured 2:4 weight × many tokens against the dense matmul."""
+    if not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        return [dict(skipped="needs --device cuda on a GPU with 2:4 sparse tensor cores (compute capability "
+                             ">= 8.0)")]
+    import torch.nn.functional as F
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    from sparsity import nm_mask
+
+    tokens = 16384  # 16 sequences of 1024: many tokens, where the sparse kernels pay off
+    backends = ["default"] + (["cutlass"] if not SparseSemiStructuredTensor._FORCE_CUTLASS else [])
+    rows = []
+    for model_name, d in SEMI_STRUCTURED_SHAPES.items():
+        for layer, (out_f, in_f) in (("attn.c_attn", (3 * d, d)), ("attn.c_proj", (d, d)),
+                                     ("mlp.c_fc", (4 * d, d)), ("mlp.c_proj", (d, 4 * d))):
+            for dtype in (torch.bfloat16, torch.float16):
+                gen = torch.Generator(device=args.device).manual_seed(0)
+                w = torch.randn(out_f, in_f, device=args.device, dtype=dtype, generator=gen)
+                w = w * nm_mask(w.float().abs(), 2, 4)
+                x = torch.randn(tokens, in_f, device=args.device, dtype=dtype, generator=gen)
+                for backend in backends:
+                    row = dict(model=model_name, layer=layer, out=out_f, inp=in_f, tokens=tokens,
+                               dtype=str(dtype).replace("torch.", ""), backend=backend)
+                    saved = SparseSemiStructuredTensor._FORCE_CUTLASS
+                    try:
+                        SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass" or saved
+                        ws = to_sparse_semi_structured(w)
+                        row["backend"] = type(ws).__name__.replace("SparseSemiStructuredTensor", "")
+                        ref = F.linear(x, w)
+                        err = (F.linear(x, ws) - ref).abs().max().item() / ref.abs().max().item()
+                        times = interleaved({"dense": lambda: _repeat(F.linear, x, w),
+                                             "sparse": lambda: _repeat(F.linear, x, ws)},
+                                            args.repeats, max(args.warmup, 1), args.device)
+                        d_ms = statistics.median(times["dense"]) / 20 * 1000
+                        s_ms = statistics.median(times["sparse"]) / 20 * 1000
+                        row.update(dense_ms=round(d_ms, 4), sparse_ms=round(s_ms, 4),
+                                   dense_tflops=round(2 * tokens * in_f * out_f / d_ms / 1e9, 1),
+                                   **paired_ratio(times["dense"], times["sparse"], "speedup"),
+                                   rel_err=f"{err:.1e}")
+                    except Exception as e:  # an unsupported shape, dtype or backend is a row, not a crash
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    finally:
+                        SparseSemiStructuredTensor._FORCE_CUTLASS = saved
+                    rows.append(row)
+    return rows
+
+
+def _repeat(fn, *a, n=20):
+    for _ in range(n):
+        fn(*a)
 
 
 def distill_memory(args):
-    """Peak memory of the distillation loss (B=1, T=1024, GPT-2 vocabulary; 2 layers × 64 wide, so the logits
-    dominate), forward + backward, chunked vs the plain full-logits loss; each variant in a fresh process."""
+    """Peak memory of the distillation loss (B=1, T=1024 (tiny preset: 256), GPT-2 vocabulary; 2 layers × 64
+    wide, so the logits dominate), forward + backward, chunked vs the plain full-logits loss; each variant in a
+    fresh process."""
     from distill import measure_loss_peak_memory
 
+    chunk_sizes = (None, 1024, 256, 64)  # None first: the reference the ratios are taken against
+    results = in_fresh_processes(measure_loss_peak_memory, [
+        dict(chunk_size=c, seq_len=args.preset.distill_seq_len, device=args.device, fresh_process=False)
+        for c in chunk_sizes])  # one at a time: the seconds column is a timing
     rows = []
-    for chunk_size in (None, 1024, 256, 64):  # None first: the reference the ratios are taken against
-        r = measure_loss_peak_memory(chunk_size, device=args.device)
+    for chunk_size, r in zip(chunk_sizes, results):
         reference = rows[0]["peak_mib"] if rows else r["peak_mib"]
         rows.append(dict(variant="unchunked" if chunk_size is None else f"chunks of {chunk_size}",
                          B=r["batch_size"], T=r["seq_len"], vocab=r["vocab_size"],
@@ -27,11 +687,32 @@ def distill_memory(args):
     return rows
 
 
+# The trainers each section uses (None: the --variants), so the run frees the others when no later section needs them.
+SECTION_TRAINERS = {
+    "train_step": None,
+    "train_step_bf16": None,
+    "components": ("dense", "masks", "masks+srste", "masks+distill", "masks+srste+slorb", "masks+srste+slorb_tp"),
+    "mask_recompute": ("masks",),
+    "eval_throughput": ("dense", "masks"),
+    "profile": ("masks+srste+slorb", "all"),
+}
+
+# Run order: the fresh-process sections first, before this process holds every variant's model.
 SECTIONS = {
+    "memory": memory,
     "distill_memory": distill_memory,
+    "prepare_throughput": prepare_throughput,
+    "train_step": train_step,
+    "components": components,
+    "mask_recompute": mask_recompute,
+    "eval_throughput": eval_throughput,
+    "profile": profile,
+    "train_step_bf16": train_step_bf16,
+    "semi_structured": semi_structured,
 }
 
 
+# ------------------------------------------------------------------------------------------------ output
 def print_table(name, rows):
     print(f"== {name}")
     if not rows:
@@ -40,32 +721,88 @@ def print_table(name, rows):
     columns = list(dict.fromkeys(k for row in rows for k in row))
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    sys.stdout.flush()
+
+
+def run_meta(args):
+    from checkpoint import git_commit
+    return dict(preset=args.preset_name, preset_settings=asdict(args.preset), repeats=args.repeats,
+                warmup=args.warmup, variants=args.variants, device=args.device, threads=torch.get_num_threads(),
+                torch=torch.__version__, cpu_count=os.cpu_count(), machine=platform.machine(), python=platform.python_version(),
+                gpu=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
+                load_average_start=[round(x, 2) for x in os.getloadavg()], git_commit=git_commit(),
+                started=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=list(PRESETS),
+                        help="model size: tiny (seconds), small (6 x 384, block 256), gpt2 (124M, block 1024)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--out", default=None, help="also save the rows as JSON {section: rows} to this file")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first rounds (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (0 = torch's default; default: the preset's, 1 for tiny)")
+    parser.add_argument("--variants", default=",".join(STEP_VARIANTS),
+                        help=f"training-step variants to time (dense, the baseline, always runs): "
+                             f"{', '.join(STEP_VARIANTS)}")
+    parser.add_argument("--out", default=None, help="JSON file (default: out/bench_PRESET_DEVICE.json)")
     args = parser.parse_args(argv)
-    names = [n for n in args.only.split(",") if n]
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown or not names:
+    requested = [n for n in args.only.split(",") if n]
+    unknown = [n for n in requested if n not in SECTIONS]
+    if unknown or not requested:
         raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(SECTIONS)}")
+    names = [n for n in SECTIONS if n in requested]  # always in SECTIONS order
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no GPU is visible; use --device cpu")
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in STEP_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(STEP_VARIANTS)}")
+    args.variants = ["dense"] + [v for v in STEP_VARIANTS if v in variants and v != "dense"]
+    args.preset_name, args.preset = args.preset, PRESETS[args.preset]
+    args.threads = args.preset.threads if args.threads is None else args.threads
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the fresh-process measurements use it too
+    args.repeats = args.preset.repeats if args.repeats is None else args.repeats
+    args.warmup = args.preset.warmup if args.warmup is None else args.warmup
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError("--repeats must be >= 1 and --warmup >= 0")
+    args.bench = Workbench(args)
+    out = args.out or os.path.join(REPO_ROOT, "out", f"bench_{args.preset_name}_{args.device.replace(':', '')}.json")
 
-    results = {}
-    for name in names:
+    meta = run_meta(args)
+    print(f"bench.py --preset {args.preset_name}: {args.preset.n_layer} layers x {args.preset.n_embd}, block "
+          f"{args.preset.block_size}, batch {args.preset.batch_size}; {args.device}, {meta['threads']} threads, "
+          f"torch {torch.__version__}; {args.repeats} timed rounds after {args.warmup} warm-up; "
+          f"load average {meta['load_average_start']}")
+    if args.repeats < 5:
+        print("note: fewer than 5 timed rounds: the figures below are a smoke test, not a measurement")
+    results = {"meta": meta}
+    t0 = time.perf_counter()
+    for i, name in enumerate(names):
+        t_section = time.perf_counter()
         results[name] = SECTIONS[name](args)
-        print_table(name, results[name])
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"saved {args.out}")
+        print_table(f"{name} ({time.perf_counter() - t_section:.1f} s)", results[name])
+        later = [SECTION_TRAINERS.get(n, ()) for n in names[i + 1:]]
+        args.bench.keep_only({v for used in later for v in (args.variants if used is None else used)})
+    from distill import _ru_maxrss_bytes
+    meta.update(seconds=round(time.perf_counter() - t0, 1), load_average_end=[round(x, 2) for x in os.getloadavg()],
+                max_rss_mib=round(_ru_maxrss_bytes() / MiB))
+    print(f"done in {meta['seconds']} s; load average at the end {meta['load_average_end']}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"saved {out}")
+    return results
 
 
 if __name__ == "__main__":

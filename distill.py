@@ -5,7 +5,7 @@
 The full-vocabulary logits are the memory hog: (B·T) × 50257 fp32 values per model, plus their softmaxes.
 So both models only return their final features here, and lm_head is applied to chunks of tokens, each chunk
 under torch.utils.checkpoint: a chunk's logits are freed after its forward and recomputed in backward, and
-peak memory grows with chunk_size × vocab instead of B·T × vocab.
+peak memory grows with chunk_size × vocab instead of B·T × vocab (a single chunk is not recomputed).
 
 The teacher is a `Teacher`: a GPT frozen at construction, in eval mode for good, run under no_grad. The
 Distiller (a plain object, not an nn.Module) holds it, so it is never a submodule of the student, never moves
@@ -70,10 +70,39 @@ def unwrap(model):
 # ---------------------------------------------------------------------------------------------- loss terms
 def kl_per_token(student_logits, teacher_logits, temperature):
     """KL(teacher ‖ student) of softmax(logits / τ) for each row, summed over the vocabulary, in fp32."""
-    # Upcast first: a 50k-way softmax of bf16 logits (autocast, or a bf16 teacher) loses too much precision.
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
+    if teacher_logits.requires_grad:  # a teacher that learns too: let autograd differentiate both sides
+        # Upcast first: a 50k-way softmax of bf16 logits (autocast, or a bf16 teacher) loses too much precision.
+        log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
+    return _KLPerToken.apply(student_logits, teacher_logits, temperature)
+
+
+class _KLPerToken(torch.autograd.Function):
+    """The same KL with its closed-form gradient, d KL / d student_logits = (p_s − p_t) / τ (p = softmax(· / τ)).
+
+    The autograd chain of log_softmax and kl_div makes about twelve passes and temporaries of (tokens ×
+    vocabulary) in forward and backward; this makes seven, in place where the tensors are its own. Same values
+    (kl_div's exp(log_t) · (log_t − log_s), element by element), same gradient up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature):
+        # Upcast first: a 50k-way softmax of bf16 logits (autocast, or a bf16 teacher) loses too much precision.
+        log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        p_t = log_t.exp()
+        kl = log_t.sub_(log_s).mul_(p_t).sum(-1)
+        ctx.save_for_backward(log_s, p_t)
+        ctx.temperature, ctx.student_dtype = temperature, student_logits.dtype
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        log_s, p_t = ctx.saved_tensors
+        grad_student = log_s.exp().sub_(p_t).mul_(grad.unsqueeze(-1) / ctx.temperature)
+        return grad_student.to(ctx.student_dtype), None, None
 
 
 def kl_div_loss(student_logits, teacher_logits, temperature=2.0):
@@ -114,12 +143,15 @@ def chunked_ce_and_kl(x, head, targets, teacher_x=None, teacher_head=None, tempe
 
     x: student features (N, C); head: the student's lm_head weight (V, C); targets: (N,), -1 = ignore.
     teacher_x (N, C_t) and teacher_head (V, C_t): give both for KL, else KL is None and never computed.
-    chunk_size: tokens per chunk, each under checkpoint so only one chunk's logits live at a time.
+    chunk_size: tokens per chunk, each under checkpoint so only one chunk's logits live at a time (when there
+    is more than one chunk).
     None: one chunk, no checkpoint: the plain full-logits loss, the reference for tests and the benchmark.
     """
     n_tokens = (targets != -1).sum().clamp(min=1)
     size = x.size(0) if chunk_size is None else chunk_size
-    recompute = chunk_size is not None and torch.is_grad_enabled()
+    # A single chunk is not recomputed: its logits are the last thing the forward builds and the first the
+    # backward frees, so recomputing them would cost a second lm_head and softmax and save no memory.
+    recompute = chunk_size is not None and x.size(0) > chunk_size and torch.is_grad_enabled()
     teacher_chunks = itertools.repeat(None) if teacher_x is None else teacher_x.split(size)
     ce_sum, kl_sum = 0.0, 0.0
     for xc, tc, txc in zip(x.split(size), targets.split(size), teacher_chunks):

@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, rt: Runtime):
                                   rt.device, rt.ctx, rt.rank, rt.world_size)
         return val, ppl
 
-    def checkpoint(name="ckpt.pt", training_state=True):
+    def save(name="ckpt.pt", training_state=True):
         rngs = [rng_state()]
         if rt.ddp:
             rngs = [None] * rt.world_size
@@ -368,9 +368,9 @@ def train(cfg: TrainConfig, rt: Runtime):
                 if rt.master:
                     say(f"iter {iter_num}: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
                 if 0 < iter_num < cfg.max_iters and (improved or cfg.always_save_checkpoint):
-                    checkpoint()  # the final one is written after the loop
+                    save()  # the final one is written after the loop
                 if iter_num > 0 and improved:
-                    checkpoint("best.pt", training_state=False)
+                    save("best.pt", training_state=False)
             if iter_num >= cfg.max_iters:
                 break
 
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, rt: Runtime):
                         f"flip {flip[0]:.4f}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
 
             if rt.any_rank(stop["signal"] is not None):
-                checkpoint()
+                save()
                 if rt.master:
                     say(f"stopped by signal at iter {iter_num}; checkpoint saved to {ckpt_path}, "
                         f"continue with the same flags and --init_from resume")
@@ -457,7 +457,7 @@ def train(cfg: TrainConfig, rt: Runtime):
             metrics.close()
         if run is not None:
             run.finish()
-    checkpoint()
+    save()
     if val is None:  # resumed a run that had already finished: report it again
         val, ppl = evaluate_now()
     return finish(val, ppl)

@@ -58,3 +58,13 @@ def test_demo_without_data_names_the_download_command(tmp_path):
     proc = run_demo(tmp_path / "out", "--data_root", str(tmp_path / "nothing"))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--download" in proc.stderr
+
+
+def test_demo_is_deterministic_for_a_seed(demo_run, data_root, tmp_path):
+    out, _ = demo_run
+    proc = run_demo(tmp_path / "again", "--data_root", data_root)
+    assert proc.returncode == 0, proc.stderr
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]  # noqa: E731
+    first = json.load(open(out / "results.json"))["rows"]
+    second = json.load(open(tmp_path / "again" / "results.json"))["rows"]
+    assert strip(first) == strip(second)

@@ -1,0 +1,251 @@
+"""bench.py: the tiny preset end to end (structure only, never timings), its timing helpers, and the
+optimisations made for the benchmark targets, each against the straightforward code it replaced."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bench
+import distill
+from cli import REPO_ROOT, UserError
+from sparsity import SRSTEAdamW, SparseLinear, _keep_top, nm_mask, sparse_layers, sparsify, update_masks
+
+
+# ---------------------------------------------------------------------------------------------- the tiny preset
+TIMING_SECTIONS = ["prepare_throughput", "train_step", "components", "mask_recompute", "eval_throughput", "profile",
+                   "train_step_bf16", "semi_structured"]  # in bench.SECTIONS order, as the run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "bench.py"), "--preset", "tiny",
+                           "--only", ",".join(TIMING_SECTIONS), "--repeats", "1", "--warmup", "0",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(out) as f:
+        return json.load(f), done.stdout
+
+
+def test_tiny_preset_prints_a_table_per_section_and_saves_them_as_json(tiny_run):
+    results, stdout = tiny_run
+    assert list(results) == ["meta"] + TIMING_SECTIONS
+    for name in TIMING_SECTIONS:
+        assert f"== {name} (" in stdout
+        assert results[name], name
+    meta = results["meta"]
+    assert meta["preset"] == "tiny" and meta["threads"] == 1 and meta["device"] == "cpu"
+    assert meta["repeats"] == 1 and "load_average_start" in meta and "load_average_end" in meta
+    assert "fewer than 5 timed rounds" in stdout
+
+
+def test_every_step_variant_is_a_ratio_to_the_dense_step_with_its_target(tiny_run):
+    rows = {r["variant"]: r for r in tiny_run[0]["train_step"]}
+    assert list(rows) == list(bench.STEP_VARIANTS)
+    assert rows["dense"]["ratio"] == 1.0
+    for name, row in rows.items():
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        target = bench.STEP_VARIANTS[name].target
+        assert row["target"] == (target if target is not None else "")
+        assert row["met"] in (("yes", "NO") if target is not None else ("",))
+
+
+def test_mask_recompute_is_a_ratio_to_a_training_step_for_both_metrics(tiny_run):
+    rows = tiny_run[0]["mask_recompute"]
+    assert [r["what"] for r in rows] == ["training step (masks variant)", "update_masks, magnitude",
+                                         "update_masks, wanda"]
+    assert all(r["layers"] == 8 for r in rows)  # 2 blocks x 4 linears
+    assert all(r["target"] == 0.05 and "ratio_vs_step" in r for r in rows[1:])
+
+
+def test_throughput_and_profile_sections_have_their_figures(tiny_run):
+    results = tiny_run[0]
+    assert [r["model"] for r in results["eval_throughput"]] == ["dense", "masks"]
+    assert all(r["tokens_per_s"] > 0 for r in results["eval_throughput"])
+    prepare = results["prepare_throughput"]
+    if "skipped" not in prepare[0]:
+        assert [r["num_proc"] for r in prepare] == [1, 2] and prepare[0]["tokens"] == prepare[1]["tokens"] > 0
+    scopes = {r["scope"] for r in results["profile"]}
+    assert scopes == {"train step: masks+srste+slorb", "train step: all", "update_masks (magnitude, all layers)"}
+
+
+def test_gpu_only_sections_say_why_they_were_skipped_on_cpu(tiny_run):
+    for name in ("train_step_bf16", "semi_structured"):
+        assert "needs --device cuda" in tiny_run[0][name][0]["skipped"]
+
+
+def test_step_memory_is_measured_in_a_fresh_process():
+    r = bench.measure_step_memory("tiny", "masks", threads=1)
+    assert r["method"] in ("VmHWM", "ru_maxrss")
+    assert r["peak_mib"] >= r["state_mib"] > 0 and r["step_mib"] > 0
+
+
+def test_unknown_sections_and_variants_are_one_line_errors():
+    with pytest.raises(UserError, match="unknown section"):
+        bench.main(["--only", "nope"])
+    with pytest.raises(UserError, match="unknown variant"):
+        bench.main(["--variants", "masks,nope"])
+
+
+# ---------------------------------------------------------------------------------------------- timing helpers
+def test_interleaved_runs_every_variant_each_round_alternating_and_drops_warmup():
+    calls = []
+    times = bench.interleaved({name: (lambda name=name: calls.append(name)) for name in "abc"}, repeats=2,
+                              warmup=1)
+    assert calls == list("abc") + list("cba") + list("abc")
+    assert all(len(t) == 2 for t in times.values())
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    r = bench.paired_ratio([2.0, 3.0, 10.0], [1.0, 2.0, 4.0])
+    assert r == {"ratio": 2.0, "ratio_min": 1.5, "ratio_max": 2.5}
+
+
+# ---------------------------------------------------------------------------------------------- optimisations
+def test_rank_based_nm_mask_equals_the_stable_sort_with_ties_signed_zeros_infinities_and_nan():
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, float("inf"), -float("inf"), float("nan")])
+    for m in range(1, 9):
+        for n in range(1, m + 1):
+            for high in (3, 7, 8):  # ties only; ties and infinities; and NaN (which takes the sort path)
+                scores = values[torch.randint(0, high, (5, 4 * m), generator=g)]
+                expected = _keep_top(scores.reshape(-1, m), n).reshape(scores.shape)
+                assert torch.equal(nm_mask(scores, n, m), expected), (n, m, scores)
+    scores = torch.randn(64, 256, generator=g)
+    assert torch.equal(nm_mask(scores, 2, 4), _keep_top(scores.reshape(-1, 4), 2).reshape(scores.shape))
+
+
+@torch.no_grad()
+def reference_srste_step(opt):
+    """SRSTEAdamW.step as first written: one tensor at a time, u = m / bc1 + d, step u / (sqrt(v / bc2) + eps)."""
+    for group in opt.param_groups:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group["srste_lambda"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = opt.state[p]
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+            t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+            owner = opt._owner.get(p)
+            decay = p * ~owner.mask * lam if (owner is not None and lam != 0) else None
+            grad = p.grad
+            if decay is not None and opt.variant == "classic":
+                grad = grad + decay
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - beta1)
+            if owner is not None and opt.variant == "paper":
+                u = m / bc1 if decay is None else m / bc1 + decay
+                v.mul_(beta2).addcmul_(u, u, value=1 - beta2)
+                p.addcdiv_(u, (v / bc2).sqrt_().add_(eps), value=-lr)
+            else:
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                p.addcdiv_(m, (v / bc2).sqrt_().add_(eps), value=-lr / bc1)
+
+
+@pytest.mark.parametrize("variant", ["paper", "classic"])
+@pytest.mark.parametrize("lam", [0.0, 1e-2])
+def test_foreach_srste_adamw_matches_the_per_tensor_reference(variant, lam):
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+        sparsify(model, filter_fn=lambda name, module: True, slorb_k=4)
+        params = list(model.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = SRSTEAdamW(groups, lr=1e-2, variant=variant, masked_modules=[l for _, l in sparse_layers(model)])
+        models.append((model, opt))
+    models[0][1].FOREACH_ELEMENTS = 100  # several tensors per batch where the device allows it
+    for step in range(6):
+        x = torch.randn(8, 16)
+        for i, (model, opt) in enumerate(models):
+            for group in opt.param_groups:
+                group["srste_lambda"] = lam
+            model(x).pow(2).sum().backward()
+            opt.step() if i == 0 else reference_srste_step(opt)
+            opt.zero_grad()
+            if step == 2:
+                update_masks(model)  # the decay follows the masks as they change
+    for a, b in zip(models[0][0].parameters(), models[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_slorb_added_to_the_weight_equals_the_separate_low_rank_branch(trainable):
+    torch.manual_seed(0)
+    layer = SparseLinear.from_linear(nn.Linear(32, 12), slorb_k=8, trainable_projection=trainable)
+    layer.init_mask_and_slorb()
+    with torch.no_grad():
+        layer.slorb_S.normal_()
+    x = torch.randn(5, 32, requires_grad=True)
+    y = layer(x)
+    # the branch as first written: y = x (W ⊙ M)ᵀ + b + (x Xᵀ) Sᵀ, projection a reshape-and-sum when fixed;
+    # the masked weight is a leaf, whose gradient the straight-through estimator hands to all of W
+    w = (layer.weight * layer.mask).detach().requires_grad_()
+    b, s = (p.detach().clone().requires_grad_() for p in (layer.bias, layer.slorb_S))
+    x_ref = x.detach().clone().requires_grad_()
+    X = layer.slorb_X.detach().clone().requires_grad_() if trainable else None
+    proj = F.linear(x_ref, X) if trainable else x_ref.reshape(5, -1, 8).sum(-1)
+    y_ref = F.linear(x_ref, w, b) + F.linear(proj, s)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.slorb_S.grad, s.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-5, atol=1e-6)  # STE: W gets all of it
+    if trainable:
+        torch.testing.assert_close(layer.slorb_X.grad, X.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_closed_form_gradient_matches_the_autograd_chain(dtype):
+    torch.manual_seed(0)
+    s = (3 * torch.randn(7, 101)).to(dtype).requires_grad_()
+    t = (3 * torch.randn(7, 101)).to(dtype)
+    weights = torch.randn(7)
+    kl = distill.kl_per_token(s, t, 2.0)
+    (kl * weights).sum().backward()
+    s_ref = s.detach().clone().requires_grad_()
+    log_s = F.log_softmax(s_ref.float() / 2.0, -1)
+    ref = F.kl_div(log_s, F.log_softmax(t.float() / 2.0, -1), reduction="none", log_target=True).sum(-1)
+    (ref * weights).sum().backward()
+    assert torch.equal(kl, ref)  # the same values, element by element
+    assert s.grad.dtype == dtype
+    torch.testing.assert_close(s.grad.float(), s_ref.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_kl_still_differentiates_a_teacher_that_requires_grad():
+    s, t = torch.randn(3, 11, requires_grad=True), torch.randn(3, 11, requires_grad=True)
+    distill.kl_per_token(s, t, 1.5).sum().backward()
+    assert t.grad is not None and s.grad is not None
+
+
+def test_a_single_loss_chunk_is_not_recomputed_in_backward(monkeypatch):
+    calls = []
+    original = distill._chunk_sums
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(distill, "_chunk_sums", counting)
+    x, head = torch.randn(8, 4, requires_grad=True), torch.randn(11, 4, requires_grad=True)
+    tx, thead, y = torch.randn(8, 4), torch.randn(11, 4), torch.randint(11, (8,))
+    for chunk_size, expected in ((8, [8]), (16, [8]), (4, [4, 4, 4, 4])):  # 2 chunks: forward + recompute
+        calls.clear()
+        ce, kl = distill.chunked_ce_and_kl(x, head, y, tx, thead, chunk_size=chunk_size)
+        (ce + kl).backward()
+        assert calls == expected, chunk_size
