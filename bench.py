@@ -74,7 +74,8 @@ class Variant:
     srste: bool = False         # SRSTEAdamW, the paper's variant, λ = 1e-4 (the published srste_decay)
     slorb: str = "none"         # none | fixed | trainable (SLoRB k = 16, mean init)
     distill: bool = False       # frozen dense teacher, loss 0.33 CE + 0.67 KL (τ = 2)
-    distill_chunks: int = 1     # the distillation loss in this many token chunks (>1: recomputed in backward)
+    distill_chunks: int = 0     # the distillation loss in this many token chunks (0: main.py's auto chunk size)
+    logits_loss: bool = False   # lm_head + F.cross_entropy on full logits instead of main.py's fused loss
     teacher_dtype: str = "auto"  # main.py's --teacher_dtype: auto = bfloat16 on GPUs, float32 on CPU
     target: float = None        # the ceiling on the ratio to the dense step (gpt2 preset)
 
@@ -90,8 +91,9 @@ STEP_VARIANTS = {
     "masks+distill": Variant("2:4 masks + distillation (teacher forward, KL)", sparse=True, distill=True),
     "all": Variant("masks + SR-STE + SLoRB (trainable) + distillation", sparse=True, srste=True,
                    slorb="trainable", distill=True, target=1.40),
-    "all_chunked": Variant("all, distillation loss in 4 chunks (recomputed in backward)", sparse=True,
-                           srste=True, slorb="trainable", distill=True, distill_chunks=4),
+    "all_one_chunk": Variant("all, distillation loss as one chunk of the whole batch", sparse=True,
+                             srste=True, slorb="trainable", distill=True, distill_chunks=1),
+    "dense_logits": Variant("dense, full logits + F.cross_entropy (not main.py's fused loss)", logits_loss=True),
     "all_bf16_teacher": Variant("all, teacher held in bf16 (--teacher_dtype bfloat16, the GPU default)",
                                 sparse=True, srste=True, slorb="trainable", distill=True,
                                 teacher_dtype="bfloat16"),
@@ -114,7 +116,7 @@ def train_config(preset: Preset, variant: Variant):
                        srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast",
                        SLoRB=variant.slorb != "none", SLoRB_k=16, SLoRB_init_type="mean",
                        trainable_projection=variant.slorb == "trainable", distill_model=variant.distill,
-                       distill_chunk_size=max(tokens // variant.distill_chunks, 1),
+                       distill_chunk_size=max(tokens // variant.distill_chunks, 1) if variant.distill_chunks else 0,
                        teacher_dtype=variant.teacher_dtype,
                        block_size=preset.block_size, batch_size=preset.batch_size,
                        global_batch_size=preset.batch_size)
@@ -182,7 +184,7 @@ class Trainer:
             if self.distiller is not None:
                 loss, _ = self.distiller(self.model, self.x, self.y)
             else:
-                _, loss = self.model(self.x, targets=self.y)
+                _, loss = self.model(self.x, targets=self.y, return_logits=self.variant.logits_loss)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):

@@ -70,7 +70,8 @@ class TrainConfig:
     hardness_kldiv: float = opt(0.67, "weight of KL(teacher || student) on temperature-softened logits")
     hardness_squarehead: float = opt(0.0, "weight of the SquareHead loss on block outputs (same depth and width)")
     distill_temperature: float = opt(2.0, "KL temperature tau (the loss is multiplied by tau^2)")
-    distill_chunk_size: int = opt(1024, "tokens per chunk of the distillation loss (bounds logits memory)")
+    distill_chunk_size: int = opt(0, "tokens per chunk of the distillation loss, bounding logits memory "
+                                     "(0 = 64 on CPU, where a chunk stays in cache, 1024 on GPUs)")
     teacher_dtype: str = opt("auto", "teacher weights dtype: auto = bfloat16 on GPU, float32 on CPU",
                              ("auto", "float32", "bfloat16", "float16"))
     # --- optimisation
@@ -208,10 +209,11 @@ def validate(cfg: TrainConfig):
     if not 0.0 <= cfg.sparsity < 1.0:
         raise UserError(f"--sparsity {cfg.sparsity}: must be in [0, 1)")
     for name in ("batch_size", "global_batch_size", "block_size", "max_iters", "eval_iters", "log_interval",
-                 "eval_interval", "mask_update_interval", "SLoRB_k", "distill_chunk_size", "prune_rounds"):
+                 "eval_interval", "mask_update_interval", "SLoRB_k", "prune_rounds"):
         if getattr(cfg, name) < 1 and not (name == "max_iters" and cfg.eval_only):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads"):
+    for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads",
+                 "distill_chunk_size"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
     if cfg.srste_decay < 0 or cfg.learning_rate < 0 or cfg.min_lr < 0:

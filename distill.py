@@ -3,16 +3,15 @@
     loss = hardness_task · CE + hardness_kldiv · KL + hardness_squarehead · SquareHead   (weights not normalised)
 
 The full-vocabulary logits are the memory hog: (B·T) × 50257 fp32 values per model, plus their softmaxes.
-So both models only return their final features here, and lm_head is applied to chunks of tokens, each chunk
-under torch.utils.checkpoint: a chunk's logits are freed after its forward and recomputed in backward, and
-peak memory grows with chunk_size × vocab instead of B·T × vocab (a single chunk is not recomputed).
+So both models only return their final features here, and lm_head is applied to chunks of tokens whose
+gradients are formed right away (_FusedCEKL): a chunk's logits are freed before the next chunk, and peak
+memory grows with chunk_size × vocab instead of B·T × vocab.
 
 The teacher is a `Teacher`: a GPT frozen at construction, in eval mode for good, run under no_grad. The
 Distiller (a plain object, not an nn.Module) holds it, so it is never a submodule of the student, never moves
 with student.to(), never lands in the student's checkpoint and is never wrapped in DDP.
 """
 import gc
-import itertools
 import json
 import os
 import resource
@@ -143,25 +142,93 @@ def chunked_ce_and_kl(x, head, targets, teacher_x=None, teacher_head=None, tempe
 
     x: student features (N, C); head: the student's lm_head weight (V, C); targets: (N,), -1 = ignore.
     teacher_x (N, C_t) and teacher_head (V, C_t): give both for KL, else KL is None and never computed.
-    chunk_size: tokens per chunk, each under checkpoint so only one chunk's logits live at a time (when there
-    is more than one chunk).
-    None: one chunk, no checkpoint: the plain full-logits loss, the reference for tests and the benchmark.
+    chunk_size: tokens per chunk (0 = 64 on CPU, 1024 on GPUs): only one chunk's logits live at a time, and
+    their gradients are formed in the forward pass (_FusedCEKL), so nothing of size N × V is kept for backward.
+    None: one chunk through plain autograd, the reference for tests and the benchmark.
     """
+    if chunk_size is None:
+        ce, kl = _chunk_sums(x, head, targets, teacher_x, teacher_head, temperature)
+        n_tokens = (targets != -1).sum().clamp(min=1)
+        return ce / n_tokens, (None if kl is None else kl / n_tokens * temperature ** 2)
+    if chunk_size == 0:
+        chunk_size = 64 if x.device.type == "cpu" else 1024
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
+    if teacher_x is not None and teacher_x.requires_grad:  # a teacher that learns too: plain autograd per chunk
+        return _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature, chunk_size)
+    ce, kl = _FusedCEKL.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad)
+    return ce, (None if teacher_x is None else kl)
+
+
+def _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature, chunk_size):
     n_tokens = (targets != -1).sum().clamp(min=1)
-    size = x.size(0) if chunk_size is None else chunk_size
-    # A single chunk is not recomputed: its logits are the last thing the forward builds and the first the
-    # backward frees, so recomputing them would cost a second lm_head and softmax and save no memory.
-    recompute = chunk_size is not None and x.size(0) > chunk_size and torch.is_grad_enabled()
-    teacher_chunks = itertools.repeat(None) if teacher_x is None else teacher_x.split(size)
     ce_sum, kl_sum = 0.0, 0.0
-    for xc, tc, txc in zip(x.split(size), targets.split(size), teacher_chunks):
-        args = (xc, head, tc, txc, teacher_head, temperature)
-        ce, kl = checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args)
-        ce_sum = ce_sum + ce
-        if kl is not None:
-            kl_sum = kl_sum + kl
-    kl = None if teacher_x is None else kl_sum / n_tokens * temperature ** 2
-    return ce_sum / n_tokens, kl
+    for xc, tc, txc in zip(x.split(chunk_size), targets.split(chunk_size), teacher_x.split(chunk_size)):
+        ce, kl = checkpoint(_chunk_sums, xc, head, tc, txc, teacher_head, temperature, use_reentrant=False)
+        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+    return ce_sum / n_tokens, kl_sum / n_tokens * temperature ** 2
+
+
+class _FusedCEKL(torch.autograd.Function):
+    """Mean CE and τ²·mean KL(teacher ‖ student) with their gradients computed chunk by chunk in the forward.
+
+    Per chunk: student logits z; d CE / dz = softmax(z) − onehot; d (τ² KL) / dz = τ (softmax(z/τ) − p_t). Each
+    is multiplied back into dx and d head at once, kept separately for the two terms (the caller weighs them),
+    and the chunk's logits are freed: a cache-sized chunk makes this several times faster than autograd through
+    log_softmax on a CPU, and on a GPU no (N, V) tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad):
+        f = torch.promote_types(x.dtype, torch.float32)
+        want_kl = teacher_x is not None
+        valid = targets != -1
+        n = valid.sum().clamp(min=1).to(f)
+        ce, kl = torch.zeros((), dtype=f, device=x.device), torch.zeros((), dtype=f, device=x.device)
+        grads = {}
+        if need_grad:
+            for term in ("ce", "kl") if want_kl else ("ce",):
+                grads[term] = (torch.empty_like(x), torch.zeros_like(head, dtype=f))
+        for i in range(0, x.shape[0], chunk_size):
+            xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size].clamp(min=0), valid[i:i + chunk_size]
+            okf = ok.to(f).unsqueeze(1)
+            rows = torch.arange(len(t), device=x.device)
+            z = (xs @ head.t().to(xs.dtype)).to(f)
+            lse = torch.logsumexp(z, dim=-1)
+            ce += ((lse - z[rows, t]) * okf.squeeze(1)).sum()
+            if want_kl:
+                zt = (teacher_x[i:i + chunk_size] @ teacher_head.t().to(teacher_x.dtype)).to(f).div_(temperature)
+                log_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))
+                log_s = z / temperature
+                log_s = log_s.sub_(torch.logsumexp(log_s, dim=-1, keepdim=True))
+                p_t = log_t.exp()
+                kl += ((log_t - log_s).mul_(p_t).sum(-1) * okf.squeeze(1)).sum()
+                if need_grad:
+                    g = log_s.exp_().sub_(p_t).mul_(okf * (temperature / n))  # d(τ²·KL/n)/dz
+                    _accumulate(grads["kl"], g, xs, head, i)
+            if need_grad:
+                g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax(z), in place of the logits
+                g[rows, t] -= 1.0
+                _accumulate(grads["ce"], g.mul_(okf / n), xs, head, i)
+        ctx.terms = list(grads)
+        ctx.save_for_backward(*[t for pair in grads.values() for t in pair])
+        return ce / n, kl * temperature ** 2 / n
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        saved = ctx.saved_tensors
+        scale = {"ce": grad_ce, "kl": grad_kl}
+        gx = gw = None
+        for k, term in enumerate(ctx.terms):
+            dx, dw = saved[2 * k], saved[2 * k + 1]
+            gx = dx * scale[term] if gx is None else gx + dx * scale[term]
+            gw = dw * scale[term] if gw is None else gw + dw * scale[term]
+        return gx, (None if gw is None else gw.to(saved[1].dtype)), None, None, None, None, None, None
+
+
+def _accumulate(pair, g, xs, head, i):
+    dx, dw = pair
+    dx[i:i + len(xs)] = g.to(xs.dtype) @ head.to(xs.dtype)
+    dw.addmm_(g.t(), xs.to(dw.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- the objective
@@ -173,7 +240,7 @@ class Distiller:
     """
 
     def __init__(self, teacher, student_config: GPTConfig, hardness_task=0.33, hardness_kldiv=0.67,
-                 hardness_squarehead=0.0, temperature=2.0, chunk_size=1024):
+                 hardness_squarehead=0.0, temperature=2.0, chunk_size=0):
         weights = dict(hardness_task=hardness_task, hardness_kldiv=hardness_kldiv,
                        hardness_squarehead=hardness_squarehead)
         for name, w in weights.items():
@@ -183,8 +250,8 @@ class Distiller:
             raise UserError("hardness_task, hardness_kldiv and hardness_squarehead are all 0: nothing to train on")
         if not temperature > 0:
             raise UserError(f"distillation temperature must be > 0, got {temperature}")
-        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-            raise UserError(f"distillation chunk_size must be a positive number of tokens, got {chunk_size}")
+        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 0):
+            raise UserError(f"distillation chunk_size must be a number of tokens (0 = auto), got {chunk_size}")
         self.hardness_task = hardness_task
         self.hardness_kldiv = hardness_kldiv
         self.hardness_squarehead = hardness_squarehead

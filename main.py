@@ -393,7 +393,7 @@ def train(cfg: TrainConfig, rt: Runtime):
                         if distiller is not None:
                             loss, parts = distiller(model, x, y)
                         else:
-                            _, loss = model(x, targets=y)
+                            _, loss = model(x, targets=y, return_logits=False)  # fused lm_head + CE
                             parts = {}
                     scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach() / accum

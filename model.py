@@ -89,6 +89,59 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _LMHeadCrossEntropy(torch.autograd.Function):
+    """mean CE(x Wᵀ, targets) with its gradients computed chunk by chunk in the forward pass.
+
+    The (N, vocab) logits of one chunk are turned in place into softmax − onehot, which is the gradient of the
+    loss w.r.t. them, and immediately multiplied back into dx and dW; no logits are kept for the backward.
+    Compared with lm_head + F.cross_entropy this saves several full passes over N × vocab floats (the
+    log_softmax output, its backward, the zero-filled NLL gradient), which dominate small GPT-2s on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size, need_grad):
+        valid = targets != -1
+        count = valid.sum().clamp(min=1)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_grad else None
+        loss = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        for i in range(0, x.shape[0], chunk_size):
+            xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size], valid[i:i + chunk_size]
+            logits = xs @ weight.t()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(t), device=x.device)
+            picked = logits[rows, t.clamp(min=0)]
+            loss += ((lse - picked) * ok).sum()
+            if need_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                probs[rows, t.clamp(min=0)] -= 1.0
+                probs *= ok.unsqueeze(1).to(probs.dtype) / count
+                probs = probs.to(x.dtype)
+                grad_x[i:i + chunk_size] = probs @ weight.to(x.dtype)
+                grad_w.addmm_(probs.t().to(grad_w.dtype), xs.to(grad_w.dtype))
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def lm_head_cross_entropy(x, weight, targets, chunk_size=None):
+    """Mean next-token cross-entropy of logits x Wᵀ (x: (N, C), W: (vocab, C)), targets == -1 ignored.
+
+    chunk_size: tokens per chunk; by default 64 on CPU, where a chunk's logits then stay in cache (measured
+    1.5-1.9x faster per training step than lm_head + F.cross_entropy on small GPT-2s), 2048 on GPUs.
+    """
+    if chunk_size is None:
+        chunk_size = 64 if x.device.type == "cpu" else 2048
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _LMHeadCrossEntropy.apply(x, weight, targets, chunk_size, need_grad)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -139,18 +192,23 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return (x, hidden) if return_hidden else x
 
-    def forward(self, idx, targets=None, return_hidden=False, features_only=False):
+    def forward(self, idx, targets=None, return_hidden=False, features_only=False, return_logits=True):
         """Returns (logits, loss), or (logits, loss, hidden) with return_hidden.
 
-        With targets: logits for every position and the mean next-token cross-entropy (targets == -1 ignored).
-        Without: logits of the last position only (the generation shortcut), loss None.
+        With targets: logits for every position and the mean next-token cross-entropy (targets == -1 ignored);
+        return_logits=False computes only the loss, through lm_head_cross_entropy (logits None), which never
+        holds the (B·T, vocab) logits and is faster: the training loop's choice.
+        Without targets: logits of the last position only (the generation shortcut), loss None.
         features_only: return features(idx, return_hidden) instead, so a loss that applies lm_head in chunks
         (distill.py) can still call the model through its DDP wrapper.
         """
         if features_only:
             return self.features(idx, return_hidden)
         x, hidden = self.features(idx, return_hidden=True)
-        if targets is not None:
+        if targets is not None and not return_logits:
+            logits = None
+            loss = lm_head_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        elif targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         else:

@@ -289,7 +289,7 @@ def test_model_names_resolve_to_project_folders_and_anything_else_is_a_path(tmp_
     ({}, dict(hardness_kldiv=-0.1), "hardness_kldiv must be >= 0"),
     ({}, dict(hardness_task=0.0, hardness_kldiv=0.0), "nothing to train"),
     ({}, dict(temperature=0.0), "temperature"),
-    ({}, dict(chunk_size=0), "chunk_size"),
+    ({}, dict(chunk_size=-1), "chunk_size"),
 ])
 def test_bad_distillation_settings_are_user_errors(student_dir, change, kwargs, message):
     teacher = load_teacher(student_dir)

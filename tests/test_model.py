@@ -131,3 +131,38 @@ def test_tied_lm_head_stays_tied_after_sparsify():
     model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
     sparsify(model)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("chunk", [7, 64, None])
+def test_fused_lm_head_cross_entropy_matches_logits_and_cross_entropy(chunk):
+    from model import lm_head_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (50,), generator=g)
+    t[[3, 17]] = -1  # ignored positions
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+    ref_grads = torch.autograd.grad(3.0 * ref, (x, w))
+    loss = lm_head_cross_entropy(x, w, t, chunk)
+    grads = torch.autograd.grad(3.0 * loss, (x, w))
+    assert abs(loss.item() - ref.item()) < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-12
+    with torch.no_grad():
+        assert abs(lm_head_cross_entropy(x, w, t, chunk).item() - ref.item()) < 1e-12
+
+
+def test_gpt_loss_without_logits_equals_the_logits_path(hf_and_ours):
+    path, _, _ = hf_and_ours
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(3))
+    losses, grads = [], []
+    for return_logits in (True, False):
+        model = GPT.from_pretrained(path)
+        logits, loss = model(idx, targets=idx, return_logits=return_logits)
+        assert (logits is None) != return_logits
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.transformer.wte.weight.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
