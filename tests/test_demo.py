@@ -68,3 +68,28 @@ def test_demo_is_deterministic_for_a_seed(demo_run, data_root, tmp_path):
     first = json.load(open(out / "results.json"))["rows"]
     second = json.load(open(tmp_path / "again" / "results.json"))["rows"]
     assert strip(first) == strip(second)
+
+
+def test_demo_gap_only_reuses_the_stages_and_reports_the_table_gap(demo_run, data_root):
+    out, _ = demo_run
+    summary = json.load(open(out / "results.json"))
+    proc = run_demo(out, "--data_root", data_root, "--gap_only")
+    assert proc.returncode == 0, proc.stderr
+    assert "$ " not in proc.stdout  # teacher and one-shot pruning were reused, nothing else ran
+    assert f"gap {100 * summary['oneshot_magnitude_gap']:.1f} %" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", ["n_layers=4", "n_layer", "teacher_lr=fast"])
+def test_demo_set_rejects_unknown_keys_and_bad_values(tmp_path, data_root, bad):
+    proc = run_demo(tmp_path / "out", "--data_root", data_root, "--set", bad)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--set" in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_demo_set_overrides_the_preset(tmp_path, data_root):
+    proc = run_demo(tmp_path / "out", "--data_root", data_root, "--set", "n_layer=2", "--set", "n_embd=16",
+                    "--gap_only")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.load(open(tmp_path / "out" / "teacher_hf" / "config.json"))
+    assert (cfg["n_layer"], cfg["n_embd"]) == (2, 16)
+    assert "n_layer=2" in proc.stdout and not (tmp_path / "out" / "ast_naive").exists()
