@@ -71,7 +71,7 @@ class TrainConfig:
     hardness_squarehead: float = opt(0.0, "weight of the SquareHead loss on block outputs (same depth and width)")
     distill_temperature: float = opt(2.0, "KL temperature tau (the loss is multiplied by tau^2)")
     distill_chunk_size: int = opt(0, "tokens per chunk of the distillation loss, bounding logits memory "
-                                     "(0 = 64 on CPU, where a chunk stays in cache, 1024 on GPUs)")
+                                     "(0 = auto: on CPU 64 up to width 128, else 256; 2048 on GPUs)")
     teacher_dtype: str = opt("auto", "teacher weights dtype: auto = bfloat16 on GPU, float32 on CPU",
                              ("auto", "float32", "bfloat16", "float16"))
     # --- optimisation

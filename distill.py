@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import REPO_ROOT, UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, default_chunk_size
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,7 +142,7 @@ def chunked_ce_and_kl(x, head, targets, teacher_x=None, teacher_head=None, tempe
 
     x: student features (N, C); head: the student's lm_head weight (V, C); targets: (N,), -1 = ignore.
     teacher_x (N, C_t) and teacher_head (V, C_t): give both for KL, else KL is None and never computed.
-    chunk_size: tokens per chunk (0 = 64 on CPU, 1024 on GPUs): only one chunk's logits live at a time, and
+    chunk_size: tokens per chunk (0 = model.default_chunk_size): only one chunk's logits live at a time, and
     their gradients are formed in the forward pass (_FusedCEKL), so nothing of size N × V is kept for backward.
     None: one chunk through plain autograd, the reference for tests and the benchmark.
     """
@@ -151,12 +151,31 @@ def chunked_ce_and_kl(x, head, targets, teacher_x=None, teacher_head=None, tempe
         n_tokens = (targets != -1).sum().clamp(min=1)
         return ce / n_tokens, (None if kl is None else kl / n_tokens * temperature ** 2)
     if chunk_size == 0:
-        chunk_size = 64 if x.device.type == "cpu" else 1024
+        chunk_size = _auto_chunk(x)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
     if teacher_x is not None and teacher_x.requires_grad:  # a teacher that learns too: plain autograd per chunk
         return _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature, chunk_size)
-    ce, kl = _FusedCEKL.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad)
+    ce, kl, _ = _FusedCEKL.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad, None)
     return ce, (None if teacher_x is None else kl)
+
+
+def weighted_ce_and_kl(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, w_ce, w_kl):
+    """(w_ce·CE + w_kl·τ²·KL, CE, KL) as chunked_ce_and_kl computes them, with one gradient for the weighted
+    sum (the logit gradients of both terms added before the lm_head GEMMs: half their cost); CE and KL are
+    returned detached, for the log. Falls back to chunked_ce_and_kl where the fused path does not apply."""
+    if chunk_size is None or (teacher_x is not None and teacher_x.requires_grad):
+        ce, kl = chunked_ce_and_kl(x, head, targets, teacher_x, teacher_head, temperature, chunk_size)
+        loss = w_ce * ce + (w_kl * kl if kl is not None else 0.0)
+        return loss, ce.detach(), None if kl is None else kl.detach()
+    chunk_size = chunk_size or _auto_chunk(x)
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
+    ce, kl, loss = _FusedCEKL.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad,
+                                    (float(w_ce), float(w_kl)))
+    return loss, ce, (None if teacher_x is None else kl)
+
+
+def _auto_chunk(x):
+    return default_chunk_size(x.device, x.shape[-1], with_kl=True)
 
 
 def _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature, chunk_size):
@@ -171,23 +190,24 @@ def _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature,
 class _FusedCEKL(torch.autograd.Function):
     """Mean CE and τ²·mean KL(teacher ‖ student) with their gradients computed chunk by chunk in the forward.
 
-    Per chunk: student logits z; d CE / dz = softmax(z) − onehot; d (τ² KL) / dz = τ (softmax(z/τ) − p_t). Each
-    is multiplied back into dx and d head at once, kept separately for the two terms (the caller weighs them),
-    and the chunk's logits are freed: a cache-sized chunk makes this several times faster than autograd through
-    log_softmax on a CPU, and on a GPU no (N, V) tensor outlives its chunk.
+    Per chunk: student logits z; d CE / dz = softmax(z) − onehot; d (τ² KL) / dz = τ (softmax(z/τ) − p_t). The
+    gradient is multiplied back into dx and d head at once and the chunk's logits are freed: a cache-sized
+    chunk makes this several times faster than autograd through log_softmax on a CPU, and on a GPU no (N, V)
+    tensor outlives its chunk. With weights = (w_ce, w_kl) the two logit gradients are summed first (one pair
+    of GEMMs per chunk, as autograd would do) and only the third output, w_ce·CE + w_kl·KL, is differentiable;
+    without, each term keeps its own dx and d head (tests, and callers that weigh the terms later).
     """
 
     @staticmethod
-    def forward(ctx, x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad):
+    def forward(ctx, x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad, weights):
         f = torch.promote_types(x.dtype, torch.float32)
         want_kl = teacher_x is not None
         valid = targets != -1
         n = valid.sum().clamp(min=1).to(f)
         ce, kl = torch.zeros((), dtype=f, device=x.device), torch.zeros((), dtype=f, device=x.device)
-        grads = {}
-        if need_grad:
-            for term in ("ce", "kl") if want_kl else ("ce",):
-                grads[term] = (torch.empty_like(x), torch.zeros_like(head, dtype=f))
+        terms = (("loss",) if weights is not None else ("ce", "kl") if want_kl else ("ce",)) if need_grad else ()
+        grads = {term: (torch.empty_like(x), torch.zeros_like(head, dtype=f)) for term in terms}
+        w_ce, w_kl = weights if weights is not None else (1.0, 1.0)
         for i in range(0, x.shape[0], chunk_size):
             xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size].clamp(min=0), valid[i:i + chunk_size]
             okf = ok.to(f).unsqueeze(1)
@@ -195,6 +215,7 @@ class _FusedCEKL(torch.autograd.Function):
             z = (xs @ head.t().to(xs.dtype)).to(f)
             lse = torch.logsumexp(z, dim=-1)
             ce += ((lse - z[rows, t]) * okf.squeeze(1)).sum()
+            g_kl = None
             if want_kl:
                 zt = (teacher_x[i:i + chunk_size] @ teacher_head.t().to(teacher_x.dtype)).to(f).div_(temperature)
                 log_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))
@@ -203,26 +224,39 @@ class _FusedCEKL(torch.autograd.Function):
                 p_t = log_t.exp()
                 kl += ((log_t - log_s).mul_(p_t).sum(-1) * okf.squeeze(1)).sum()
                 if need_grad:
-                    g = log_s.exp_().sub_(p_t).mul_(okf * (temperature / n))  # d(τ²·KL/n)/dz
-                    _accumulate(grads["kl"], g, xs, head, i)
+                    g_kl = log_s.exp_().sub_(p_t).mul_(okf * (w_kl * temperature / n))  # d(w τ²·KL/n)/dz
+                    if weights is None:
+                        _accumulate(grads["kl"], g_kl, xs, head, i)
+                        g_kl = None
             if need_grad:
                 g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax(z), in place of the logits
                 g[rows, t] -= 1.0
-                _accumulate(grads["ce"], g.mul_(okf / n), xs, head, i)
-        ctx.terms = list(grads)
+                g.mul_(okf * (w_ce / n))
+                if g_kl is not None:
+                    g += g_kl
+                _accumulate(grads["loss" if weights is not None else "ce"], g, xs, head, i)
+        ctx.terms = terms
         ctx.save_for_backward(*[t for pair in grads.values() for t in pair])
-        return ce / n, kl * temperature ** 2 / n
+        ce, kl = ce / n, kl * temperature ** 2 / n
+        loss = w_ce * ce + (w_kl * kl if want_kl else 0.0)
+        if weights is not None:
+            ctx.mark_non_differentiable(ce, kl)
+        return ce, kl, loss
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_kl):
+    def backward(ctx, grad_ce, grad_kl, grad_loss):
         saved = ctx.saved_tensors
-        scale = {"ce": grad_ce, "kl": grad_kl}
+        scale = {"ce": grad_ce, "kl": grad_kl, "loss": grad_loss}
         gx = gw = None
         for k, term in enumerate(ctx.terms):
+            if scale[term] is None:
+                continue
             dx, dw = saved[2 * k], saved[2 * k + 1]
             gx = dx * scale[term] if gx is None else gx + dx * scale[term]
             gw = dw * scale[term] if gw is None else gw + dw * scale[term]
-        return gx, (None if gw is None else gw.to(saved[1].dtype)), None, None, None, None, None, None
+        if gw is not None:
+            gw = gw.to(saved[1].dtype)
+        return gx, gw, None, None, None, None, None, None, None
 
 
 def _accumulate(pair, g, xs, head, i):
@@ -276,14 +310,14 @@ class Distiller:
             t_feats, t_hidden = t_out if want_sq else (t_out, None)
 
         want_kl = self.hardness_kldiv > 0
-        ce, kl = chunked_ce_and_kl(
+        loss, ce, kl = weighted_ce_and_kl(
             feats.reshape(-1, feats.size(-1)), unwrap(student).lm_head.weight, y.reshape(-1),
             t_feats.reshape(-1, t_feats.size(-1)) if want_kl else None,
-            self.teacher.lm_head.weight if want_kl else None, self.temperature, self.chunk_size)
+            self.teacher.lm_head.weight if want_kl else None, self.temperature, self.chunk_size,
+            self.hardness_task, self.hardness_kldiv)
         sq = squarehead_loss(hidden, t_hidden) if want_sq else None
-
-        terms = [(self.hardness_task, ce), (self.hardness_kldiv, kl), (self.hardness_squarehead, sq)]
-        loss = sum(w * t for w, t in terms if w > 0)
+        if want_sq:
+            loss = loss + self.hardness_squarehead * sq
         parts = {k: t.detach() for k, t in (("ce", ce), ("kl", kl), ("squarehead", sq)) if t is not None}
         return loss, parts
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from cli import REPO_ROOT, UserError
 from conftest import save_tiny_gpt2
 from model import resolve_model_path
-from distill import (Distiller, Teacher, chunked_ce_and_kl, kl_div_loss, load_teacher,
+from distill import (Distiller, Teacher, chunked_ce_and_kl, kl_div_loss, load_teacher, weighted_ce_and_kl,
                      squarehead_loss)
 from model import GPT, GPTConfig
 
@@ -117,6 +117,37 @@ def test_chunking_changes_neither_values_nor_gradients(n, chunk, seed):
 
     for a, b in zip(run(chunk), run(None)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), chunk=st.integers(1, 45), seed=st.integers(0, 2 ** 16),
+       w_ce=st.sampled_from([0.0, 0.33, 1.0]), w_kl=st.sampled_from([0.0, 0.67, 2.0]), teacher=st.booleans())
+def test_weighted_loss_has_the_gradient_of_the_weighted_sum_of_the_reference_terms(n, chunk, seed, w_ce, w_kl,
+                                                                                    teacher):
+    g = torch.Generator().manual_seed(seed)
+    x, head = torch.randn(n, 6, generator=g), torch.randn(29, 6, generator=g)
+    tx, thead = (torch.randn(n, 5, generator=g), torch.randn(29, 5, generator=g)) if teacher else (None, None)
+    y = torch.randint(-1, 29, (n,), generator=g)
+
+    xx, hh = x.clone().requires_grad_(), head.clone().requires_grad_()
+    loss, ce, kl = weighted_ce_and_kl(xx, hh, y, tx, thead, 1.5, chunk, w_ce, w_kl)
+    loss.backward()
+    assert not ce.requires_grad and (kl is None) == (not teacher)
+
+    rx, rh = x.clone().requires_grad_(), head.clone().requires_grad_()
+    logits = rx @ rh.T  # the reference: plain autograd through F.cross_entropy and kl_div_loss
+    ref_ce = F.cross_entropy(logits, y, ignore_index=-1) if (y != -1).any() else logits.sum() * 0
+    ref = w_ce * ref_ce
+    if teacher:
+        keep = y != -1
+        ref_kl = kl_div_loss(logits[keep], (tx @ thead.T)[keep], temperature=1.5) if keep.any() else ref_ce * 0
+        ref = ref + w_kl * ref_kl
+        torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-5, atol=1e-6)
+    ref.backward()
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xx.grad, rx.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hh.grad, rh.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- the Distiller
