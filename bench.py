@@ -296,9 +296,8 @@ def components(args):
     and backward, the teacher's blocks, and the training loss alone on fixed features (CE vs the teacher's
     lm_head + 0.33 CE + 0.67 KL), forward and backward. The step variants' ratios are about 1 + the sum of their
     parts (less where a part overlaps what the dense step already pays)."""
-    import torch.nn.functional as F
-
-    from distill import chunked_ce_and_kl
+    from distill import weighted_ce_and_kl
+    from model import lm_head_cross_entropy
     from sparsity import sparse_layers
 
     b = args.bench
@@ -343,12 +342,11 @@ def components(args):
         def run():
             f, h = feats.detach().requires_grad_(), head.detach().requires_grad_()
             with dense.ctx:
-                if distil:
-                    ce, kl = chunked_ce_and_kl(f, h, y, t_feats, teacher.lm_head.weight, cfg.distill_temperature,
-                                               cfg.distill_chunk_size)
-                    total = cfg.hardness_task * ce + cfg.hardness_kldiv * kl
+                if distil:  # what the Distiller does
+                    total, _, _ = weighted_ce_and_kl(f, h, y, t_feats, teacher.lm_head.weight, cfg.distill_temperature,
+                                                     cfg.distill_chunk_size, cfg.hardness_task, cfg.hardness_kldiv)
                 else:  # what GPT.forward does with targets
-                    total = F.cross_entropy(F.linear(f, h).float(), y, ignore_index=-1)
+                    total = lm_head_cross_entropy(f, h, y)
             total.backward()
         return run
 
