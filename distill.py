@@ -4,8 +4,8 @@
 
 The full-vocabulary logits are the memory hog: (B·T) × 50257 fp32 values per model, plus their softmaxes.
 So both models only return their final features here, and lm_head is applied to chunks of tokens whose
-gradients are formed right away (_FusedCEKL): a chunk's logits are freed before the next chunk, and peak
-memory grows with chunk_size × vocab instead of B·T × vocab.
+gradients are formed right away (model.FusedLMHeadLoss): a chunk's logits are freed before the next chunk,
+and peak memory grows with chunk_size × vocab instead of B·T × vocab.
 
 The teacher is a `Teacher`: a GPT frozen at construction, in eval mode for good, run under no_grad. The
 Distiller (a plain object, not an nn.Module) holds it, so it is never a submodule of the student, never moves
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import REPO_ROOT, UserError
-from model import GPT, GPTConfig, default_chunk_size
+from model import GPT, FusedLMHeadLoss, GPTConfig, default_chunk_size
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -143,7 +143,8 @@ def chunked_ce_and_kl(x, head, targets, teacher_x=None, teacher_head=None, tempe
     x: student features (N, C); head: the student's lm_head weight (V, C); targets: (N,), -1 = ignore.
     teacher_x (N, C_t) and teacher_head (V, C_t): give both for KL, else KL is None and never computed.
     chunk_size: tokens per chunk (0 = model.default_chunk_size): only one chunk's logits live at a time, and
-    their gradients are formed in the forward pass (_FusedCEKL), so nothing of size N × V is kept for backward.
+    their gradients are formed in the forward pass (model.FusedLMHeadLoss), so nothing of size N × V is kept for
+    backward.
     None: one chunk through plain autograd, the reference for tests and the benchmark.
     """
     if chunk_size is None:
@@ -155,7 +156,8 @@ def chunked_ce_and_kl(x, head, targets, teacher_x=None, teacher_head=None, tempe
     need_grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
     if teacher_x is not None and teacher_x.requires_grad:  # a teacher that learns too: plain autograd per chunk
         return _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature, chunk_size)
-    ce, kl, _ = _FusedCEKL.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad, None)
+    ce, kl, _ = FusedLMHeadLoss.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad,
+                                      None)
     return ce, (None if teacher_x is None else kl)
 
 
@@ -169,7 +171,7 @@ def weighted_ce_and_kl(x, head, targets, teacher_x, teacher_head, temperature, c
         return loss, ce.detach(), None if kl is None else kl.detach()
     chunk_size = chunk_size or _auto_chunk(x)
     need_grad = torch.is_grad_enabled() and (x.requires_grad or head.requires_grad)
-    ce, kl, loss = _FusedCEKL.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad,
+    ce, kl, loss = FusedLMHeadLoss.apply(x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad,
                                     (float(w_ce), float(w_kl)))
     return loss, ce, (None if teacher_x is None else kl)
 
@@ -185,84 +187,6 @@ def _checkpointed_chunks(x, head, targets, teacher_x, teacher_head, temperature,
         ce, kl = checkpoint(_chunk_sums, xc, head, tc, txc, teacher_head, temperature, use_reentrant=False)
         ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
     return ce_sum / n_tokens, kl_sum / n_tokens * temperature ** 2
-
-
-class _FusedCEKL(torch.autograd.Function):
-    """Mean CE and τ²·mean KL(teacher ‖ student) with their gradients computed chunk by chunk in the forward.
-
-    Per chunk: student logits z; d CE / dz = softmax(z) − onehot; d (τ² KL) / dz = τ (softmax(z/τ) − p_t). The
-    gradient is multiplied back into dx and d head at once and the chunk's logits are freed: a cache-sized
-    chunk makes this several times faster than autograd through log_softmax on a CPU, and on a GPU no (N, V)
-    tensor outlives its chunk. With weights = (w_ce, w_kl) the two logit gradients are summed first (one pair
-    of GEMMs per chunk, as autograd would do) and only the third output, w_ce·CE + w_kl·KL, is differentiable;
-    without, each term keeps its own dx and d head (tests, and callers that weigh the terms later).
-    """
-
-    @staticmethod
-    def forward(ctx, x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad, weights):
-        f = torch.promote_types(x.dtype, torch.float32)
-        want_kl = teacher_x is not None
-        valid = targets != -1
-        n = valid.sum().clamp(min=1).to(f)
-        ce, kl = torch.zeros((), dtype=f, device=x.device), torch.zeros((), dtype=f, device=x.device)
-        terms = (("loss",) if weights is not None else ("ce", "kl") if want_kl else ("ce",)) if need_grad else ()
-        grads = {term: (torch.empty_like(x), torch.zeros_like(head, dtype=f)) for term in terms}
-        w_ce, w_kl = weights if weights is not None else (1.0, 1.0)
-        for i in range(0, x.shape[0], chunk_size):
-            xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size].clamp(min=0), valid[i:i + chunk_size]
-            okf = ok.to(f).unsqueeze(1)
-            rows = torch.arange(len(t), device=x.device)
-            z = (xs @ head.t().to(xs.dtype)).to(f)
-            lse = torch.logsumexp(z, dim=-1)
-            ce += ((lse - z[rows, t]) * okf.squeeze(1)).sum()
-            g_kl = None
-            if want_kl:
-                zt = (teacher_x[i:i + chunk_size] @ teacher_head.t().to(teacher_x.dtype)).to(f).div_(temperature)
-                log_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))
-                log_s = z / temperature
-                log_s = log_s.sub_(torch.logsumexp(log_s, dim=-1, keepdim=True))
-                p_t = log_t.exp()
-                kl += ((log_t - log_s).mul_(p_t).sum(-1) * okf.squeeze(1)).sum()
-                if need_grad:
-                    g_kl = log_s.exp_().sub_(p_t).mul_(okf * (w_kl * temperature / n))  # d(w τ²·KL/n)/dz
-                    if weights is None:
-                        _accumulate(grads["kl"], g_kl, xs, head, i)
-                        g_kl = None
-            if need_grad:
-                g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax(z), in place of the logits
-                g[rows, t] -= 1.0
-                g.mul_(okf * (w_ce / n))
-                if g_kl is not None:
-                    g += g_kl
-                _accumulate(grads["loss" if weights is not None else "ce"], g, xs, head, i)
-        ctx.terms = terms
-        ctx.save_for_backward(*[t for pair in grads.values() for t in pair])
-        ce, kl = ce / n, kl * temperature ** 2 / n
-        loss = w_ce * ce + (w_kl * kl if want_kl else 0.0)
-        if weights is not None:
-            ctx.mark_non_differentiable(ce, kl)
-        return ce, kl, loss
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kl, grad_loss):
-        saved = ctx.saved_tensors
-        scale = {"ce": grad_ce, "kl": grad_kl, "loss": grad_loss}
-        gx = gw = None
-        for k, term in enumerate(ctx.terms):
-            if scale[term] is None:
-                continue
-            dx, dw = saved[2 * k], saved[2 * k + 1]
-            gx = dx * scale[term] if gx is None else gx + dx * scale[term]
-            gw = dw * scale[term] if gw is None else gw + dw * scale[term]
-        if gw is not None:
-            gw = gw.to(saved[1].dtype)
-        return gx, gw, None, None, None, None, None, None, None
-
-
-def _accumulate(pair, g, xs, head, i):
-    dx, dw = pair
-    dx[i:i + len(xs)] = g.to(xs.dtype) @ head.to(xs.dtype)
-    dw.addmm_(g.t(), xs.to(dw.dtype))
 
 
 # ---------------------------------------------------------------------------------------------- the objective

@@ -89,45 +89,83 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class _LMHeadCrossEntropy(torch.autograd.Function):
-    """mean CE(x Wᵀ, targets) with its gradients computed chunk by chunk in the forward pass.
+class FusedLMHeadLoss(torch.autograd.Function):
+    """Mean CE of x headᵀ, and with a teacher τ²·mean KL(teacher ‖ student), gradients formed chunk by chunk
+    in the forward (lm_head_cross_entropy here, distill.py's CE + KL).
 
-    The (N, vocab) logits of one chunk are turned in place into softmax − onehot, which is the gradient of the
-    loss w.r.t. them, and immediately multiplied back into dx and dW; no logits are kept for the backward.
-    Compared with lm_head + F.cross_entropy this saves several full passes over N × vocab floats (the
-    log_softmax output, its backward, the zero-filled NLL gradient), which dominate small GPT-2s on a CPU.
+    Per chunk: student logits z; d CE / dz = softmax(z) − onehot; d (τ² KL) / dz = τ (softmax(z/τ) − p_t). The
+    gradient is multiplied back into dx and d head at once and the chunk's logits are freed: a cache-sized
+    chunk makes this several times faster than autograd through log_softmax on a CPU, and on a GPU no (N, V)
+    tensor outlives its chunk. With weights = (w_ce, w_kl) the two logit gradients are summed first (one pair
+    of GEMMs per chunk, as autograd would do) and only the third output, w_ce·CE + w_kl·KL, is differentiable;
+    without, each term keeps its own dx and d head (tests, and callers that weigh the terms later).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size, need_grad):
+    def forward(ctx, x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad, weights):
+        f = torch.promote_types(x.dtype, torch.float32)
+        want_kl = teacher_x is not None
         valid = targets != -1
-        count = valid.sum().clamp(min=1)
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_grad else None
-        loss = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        n = valid.sum().clamp(min=1).to(f)
+        ce, kl = torch.zeros((), dtype=f, device=x.device), torch.zeros((), dtype=f, device=x.device)
+        terms = (("loss",) if weights is not None else ("ce", "kl") if want_kl else ("ce",)) if need_grad else ()
+        grads = {term: (torch.empty_like(x), torch.zeros_like(head, dtype=f)) for term in terms}
+        w_ce, w_kl = weights if weights is not None else (1.0, 1.0)
         for i in range(0, x.shape[0], chunk_size):
-            xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size], valid[i:i + chunk_size]
-            logits = xs @ weight.t()
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            lse = torch.logsumexp(logits, dim=-1)
+            xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size].clamp(min=0), valid[i:i + chunk_size]
+            okf = ok.to(f).unsqueeze(1)
             rows = torch.arange(len(t), device=x.device)
-            picked = logits[rows, t.clamp(min=0)]
-            loss += ((lse - picked) * ok).sum()
+            z = (xs @ head.t().to(xs.dtype)).to(f)
+            lse = torch.logsumexp(z, dim=-1)
+            ce += ((lse - z[rows, t]) * okf.squeeze(1)).sum()
+            g_kl = None
+            if want_kl:
+                zt = (teacher_x[i:i + chunk_size] @ teacher_head.t().to(teacher_x.dtype)).to(f).div_(temperature)
+                log_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))
+                log_s = z / temperature
+                log_s = log_s.sub_(torch.logsumexp(log_s, dim=-1, keepdim=True))
+                p_t = log_t.exp()
+                kl += ((log_t - log_s).mul_(p_t).sum(-1) * okf.squeeze(1)).sum()
+                if need_grad:
+                    g_kl = log_s.exp_().sub_(p_t).mul_(okf * (w_kl * temperature / n))  # d(w τ²·KL/n)/dz
+                    if weights is None:
+                        _accumulate(grads["kl"], g_kl, xs, head, i)
+                        g_kl = None
             if need_grad:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
-                probs[rows, t.clamp(min=0)] -= 1.0
-                probs *= ok.unsqueeze(1).to(probs.dtype) / count
-                probs = probs.to(x.dtype)
-                grad_x[i:i + chunk_size] = probs @ weight.to(x.dtype)
-                grad_w.addmm_(probs.t().to(grad_w.dtype), xs.to(grad_w.dtype))
-        if need_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        return loss / count
+                g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax(z), in place of the logits
+                g[rows, t] -= 1.0
+                g.mul_(okf * (w_ce / n))
+                if g_kl is not None:
+                    g += g_kl
+                _accumulate(grads["loss" if weights is not None else "ce"], g, xs, head, i)
+        ctx.terms, ctx.head_dtype = terms, head.dtype
+        ctx.save_for_backward(*[t for pair in grads.values() for t in pair])
+        ce, kl = ce / n, kl * temperature ** 2 / n
+        loss = w_ce * ce + (w_kl * kl if want_kl else 0.0)
+        if weights is not None:
+            ctx.mark_non_differentiable(ce, kl)
+        return ce, kl, loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+    def backward(ctx, grad_ce, grad_kl, grad_loss):
+        saved = ctx.saved_tensors
+        scale = {"ce": grad_ce, "kl": grad_kl, "loss": grad_loss}
+        gx = gw = None
+        for k, term in enumerate(ctx.terms):
+            if scale[term] is None:
+                continue
+            dx, dw = saved[2 * k], saved[2 * k + 1]
+            gx = dx * scale[term] if gx is None else gx + dx * scale[term]
+            gw = dw * scale[term] if gw is None else gw + dw * scale[term]
+        if gw is not None:
+            gw = gw.to(ctx.head_dtype)
+        return gx, gw, None, None, None, None, None, None, None
+
+
+def _accumulate(pair, g, xs, head, i):
+    dx, dw = pair
+    dx[i:i + len(xs)] = g.to(xs.dtype) @ head.to(xs.dtype)
+    dw.addmm_(g.t(), xs.to(dw.dtype))
 
 
 def default_chunk_size(device, width: int, with_kl: bool = False) -> int:
@@ -154,7 +192,7 @@ def lm_head_cross_entropy(x, weight, targets, chunk_size=None):
     if chunk_size is None:
         chunk_size = default_chunk_size(x.device, x.shape[-1])
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LMHeadCrossEntropy.apply(x, weight, targets, chunk_size, need_grad)
+    return FusedLMHeadLoss.apply(x, weight, targets, None, None, 1.0, chunk_size, need_grad, (1.0, 0.0))[2]
 
 
 class GPT(nn.Module):
