@@ -23,8 +23,10 @@ import gc
 import io
 import json
 import os
+import resource
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,8 +135,9 @@ def teacher_dtype(variant: Variant, device) -> str:
 def build_teacher(preset: Preset, device, dtype="float32", seed=1):
     """A random dense teacher of the student's shape, frozen, in dtype (a distill.TEACHER_DTYPES key)."""
     from distill import TEACHER_DTYPES, Teacher
+    from model import GPT
     torch.manual_seed(seed)
-    return Teacher(model_config(preset)).to(device=device, dtype=TEACHER_DTYPES[dtype])
+    return Teacher(GPT(model_config(preset))).to(device=device, dtype=TEACHER_DTYPES[dtype])
 
 
 class Trainer:
@@ -296,8 +299,7 @@ def components(args):
     and backward, the teacher's blocks, and the training loss alone on fixed features (CE vs the teacher's
     lm_head + 0.33 CE + 0.67 KL), forward and backward. The step variants' ratios are about 1 + the sum of their
     parts (less where a part overlaps what the dense step already pays)."""
-    from distill import weighted_ce_and_kl
-    from model import lm_head_cross_entropy
+    from loss import cross_entropy, lm_head_loss
     from sparsity import sparse_layers
 
     b = args.bench
@@ -343,10 +345,11 @@ def components(args):
             f, h = feats.detach().requires_grad_(), head.detach().requires_grad_()
             with dense.ctx:
                 if distil:  # what the Distiller does
-                    total, _, _ = weighted_ce_and_kl(f, h, y, t_feats, teacher.lm_head.weight, cfg.distill_temperature,
-                                                     cfg.distill_chunk_size, cfg.hardness_task, cfg.hardness_kldiv)
+                    total, _, _ = lm_head_loss(f, h, y, teacher_x=t_feats, teacher_weight=teacher.lm_head.weight,
+                                               temperature=cfg.distill_temperature, w_ce=cfg.hardness_task,
+                                               w_kl=cfg.hardness_kldiv, chunk_size=cfg.distill_chunk_size)
                 else:  # what GPT.forward does with targets
-                    total = lm_head_cross_entropy(f, h, y)
+                    total = cross_entropy(f, h, y)
             total.backward()
         return run
 
@@ -421,7 +424,6 @@ def measure_step_memory(preset, variant, device="cpu", gradient_checkpointing=Fa
         return in_fresh_processes(measure_step_memory, [dict(kwargs, fresh_process=False)])[0]
 
     import main  # noqa: F401  every module the trainer needs, imported before the base is taken
-    from distill import _peak_since_start, _start_peak_tracking
     if threads:
         torch.set_num_threads(threads)
     gc.collect()
@@ -448,7 +450,7 @@ def in_fresh_processes(fn, calls, jobs=1):
 
     The processes are forked from a server that has only imported torch and the project, so each starts clean
     without paying the imports again (seconds each), and with glibc returning every freed buffer to the OS at
-    once (as distill.measure_loss_peak_memory's subprocesses), so a process's resident set is what is live.
+    once, so a process's resident set is what is live.
     """
     import multiprocessing
 
@@ -665,12 +667,103 @@ def _repeat(fn, *a, n=20):
         fn(*a)
 
 
+def measure_loss_peak_memory(chunk_size, batch_size=1, seq_len=1024, vocab_size=50257, n_layer=2, n_head=2,
+                             n_embd=64, hardness=(0.33, 0.67, 0.0), device="cpu", fresh_process=True) -> dict:
+    """Peak memory (MiB) of one distillation loss forward + backward, above what was in use just before it.
+
+    A tiny model with the full vocabulary makes the logits dominate. On CUDA the allocator's peak statistics
+    are exact. On CPU the peak resident set size is used: VmHWM, reset through /proc/self/clear_refs (Linux),
+    else ru_maxrss. fresh_process runs the measurement in a new interpreter, so earlier peaks and memory
+    cached by the allocator from earlier variants do not count (use it on CPU).
+    """
+    kwargs = dict(chunk_size=chunk_size, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size,
+                  n_layer=n_layer, n_head=n_head, n_embd=n_embd, hardness=list(hardness), device=device)
+    if fresh_process:
+        code = ("import json, sys, bench; "
+                "print(json.dumps(bench.measure_loss_peak_memory(**json.loads(sys.argv[1]), fresh_process=False)))")
+        # A fixed mmap threshold makes glibc return every freed tensor buffer to the OS at once; otherwise
+        # freed chunk-sized buffers linger in the heap and the RSS overstates what is live.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory measurement failed:\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    from distill import Distiller, Teacher, squarehead_loss
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=seq_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    student, teacher = GPT(cfg).to(device), Teacher(GPT(cfg)).to(device)
+    h_task, h_kl, h_sq = hardness
+    x = torch.randint(vocab_size, (batch_size, seq_len), device=device)
+    y = torch.randint(vocab_size, (batch_size, seq_len), device=device)
+    gc.collect()
+    before, method = _start_peak_tracking(device)
+    t0 = time.perf_counter()
+    if chunk_size is None:  # the reference: full logits and plain autograd through log_softmax
+        import torch.nn.functional as F
+        logits, _, hidden = student(x, y, return_hidden=True)
+        t_feats, t_hidden = teacher(x, features_only=True, return_hidden=True)
+        log_s = F.log_softmax(logits.float() / 2.0, -1)
+        log_t = F.log_softmax(teacher.lm_head(t_feats).float() / 2.0, -1)
+        kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1).mean() * 4.0
+        loss = h_task * F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) + h_kl * kl
+        if h_sq:
+            loss = loss + h_sq * squarehead_loss(hidden, t_hidden)
+    else:
+        distiller = Distiller(teacher, cfg, hardness_task=h_task, hardness_kldiv=h_kl, hardness_squarehead=h_sq,
+                              chunk_size=chunk_size)
+        loss, _ = distiller(student, x, y)
+    loss.backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = _peak_since_start(device, method)
+    return dict(kwargs, peak_mib=round((peak - before) / 2 ** 20, 1), seconds=round(seconds, 3), method=method,
+                loss=round(loss.item(), 4))
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _start_peak_tracking(device):
+    """(bytes in use now, how the peak will be read)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated(), "cuda.max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+        return _proc_status_bytes("VmRSS"), "VmHWM"
+    except OSError:
+        # ru_maxrss cannot be reset: right only if nothing earlier in this process peaked higher.
+        return _ru_maxrss_bytes(), "ru_maxrss"
+
+
+def _peak_since_start(device, method):
+    if method == "cuda.max_memory_allocated":
+        return torch.cuda.max_memory_allocated()
+    if method == "VmHWM":
+        return _proc_status_bytes("VmHWM")
+    return _ru_maxrss_bytes()
+
+
+def _ru_maxrss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def distill_memory(args):
     """Peak memory of the distillation loss (B=1, T=1024 (tiny preset: 256), GPT-2 vocabulary; 2 layers × 64
     wide, so the logits dominate), forward + backward, chunked vs the plain full-logits loss; each variant in a
     fresh process."""
-    from distill import measure_loss_peak_memory
-
     chunk_sizes = (None, 1024, 256, 64)  # None first: the reference the ratios are taken against
     results = in_fresh_processes(measure_loss_peak_memory, [
         dict(chunk_size=c, seq_len=args.preset.distill_seq_len, device=args.device, fresh_process=False)
@@ -794,7 +887,6 @@ def main(argv=None):
         print_table(f"{name} ({time.perf_counter() - t_section:.1f} s)", results[name])
         later = [SECTION_TRAINERS.get(n, ()) for n in names[i + 1:]]
         args.bench.keep_only({v for used in later for v in (args.variants if used is None else used)})
-    from distill import _ru_maxrss_bytes
     meta.update(seconds=round(time.perf_counter() - t0, 1), load_average_end=[round(x, 2) for x in os.getloadavg()],
                 max_rss_mib=round(_ru_maxrss_bytes() / MiB))
     print(f"done in {meta['seconds']} s; load average at the end {meta['load_average_end']}")

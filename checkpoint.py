@@ -1,9 +1,12 @@
-"""Checkpoints: atomic save, every RNG state, and rebuilding a (sparse) GPT from a checkpoint or HF folder.
+"""Checkpoints, and the one loader: a model of any family (dense or sparse, masks and SLoRB included) from a
+checkpoint, an export folder or a Hugging Face folder.
 
 A checkpoint is one torch file holding the model state (masks and SLoRB included), what is needed to rebuild
-the model (GPT config, sparse layer names and their sparsify() arguments), and for training checkpoints the
-optimizer, iteration, RNG states of every rank, the run's config and the git commit.
+the model (its family and full config, the sparse layer names and their sparsify() arguments, its tokenizer),
+and for training checkpoints the optimizer, iteration, RNG states of every rank, the run's config and the git
+commit. Checkpoints written before model families existed (no "family" key) are GPT-2.
 """
+import json
 import os
 import random
 import subprocess
@@ -11,51 +14,118 @@ import subprocess
 import numpy as np
 import torch
 
+import families
 from cli import REPO_ROOT, UserError
-from model import GPT, GPTConfig, resolve_model_path
-from sparsity import layer_args, sparse_layers, sparsify
+from data.tokenizer import folder_fingerprint, gpt2_fingerprint, has_hf_tokenizer
+from model import resolve_model_path
+from sparsity import layer_args, nm_mask, sparse_layers, sparsify
 
-def model_state(model: GPT) -> dict:
-    """What rebuilds the model: its weights, GPT config and the sparse layers with their arguments."""
+EXPORT_INFO = "sparse_export.json"  # written by export.py beside the weights of a sparse export folder
+SLORB_FILE = "slorb.safetensors"
+
+
+def model_state(model) -> dict:
+    """What rebuilds the model: its family, config, weights, sparse layers with their arguments, tokenizer."""
     layers = sparse_layers(model)
+    sd = model.state_dict()
+    if model.family == "gpt2":
+        sd.pop("lm_head.weight", None)  # tied to wte
     return {
-        "model": {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"},  # tied to wte
-        "model_args": dict(vars(model.config)),
+        "family": model.family,
+        "model": sd,
+        "model_args": families.model_args(model),
+        "block_size": model.config.block_size,
         "sparse_layers": [name for name, _ in layers],
         "sparsity_args": layer_args(layers[0][1]) if layers else None,
+        "tokenizer": tokenizer_info(model),
     }
 
 
-def build_model(state: dict) -> GPT:
-    """Inverse of model_state(): a GPT with the same sparse layers, masks and weights."""
-    model = GPT(GPTConfig(**state["model_args"]))
+def build_model(state: dict, block_size=None):
+    """Inverse of model_state(): a model with the same family, sparse layers, masks and weights."""
+    family = state.get("family", "gpt2")
+    model = families.from_config(family, state["model_args"])
     if state.get("sparse_layers"):
         names = set(state["sparse_layers"])
         sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False, **state["sparsity_args"])
     sd = dict(state["model"])
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    model.load_state_dict(sd)
+    if family == "gpt2":
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not match its recorded model ({str(e).splitlines()[0]})") \
+            from None
+    model.config.block_size = state.get("block_size", model.config.block_size)
+    model.tokenizer_info = state.get("tokenizer") or _default_tokenizer(family, None)
+    return families.crop_context(model, block_size, "the checkpoint") if block_size else model
+
+
+def tokenizer_info(model) -> dict:
+    """{"dir": folder holding the model's tokenizer or None, "fingerprint": see data.tokenizer, or None}."""
+    return getattr(model, "tokenizer_info", None) or _default_tokenizer(model.family, None)
+
+
+def _default_tokenizer(family, folder):
+    if has_hf_tokenizer(folder):
+        return {"dir": os.path.abspath(folder), "fingerprint": folder_fingerprint(folder)}
+    # a GPT-2 folder without tokenizer files means GPT-2's own BPE; other families' cannot be guessed
+    return {"dir": None, "fingerprint": gpt2_fingerprint() if family == "gpt2" else None}
+
+
+def load_model(path: str, block_size=None, dtype=torch.float32, what="--model"):
+    """The one loader: a model from a checkpoint file (.pt), an export folder (export.py / prune.py: masks and
+    a separately kept SLoRB branch restored) or a Hugging Face folder of any supported family (or a GPT-2 name).
+
+    what names the flag the path came from, for the error when it is none of these.
+    """
+    path = resolve_model_path(path)
+    if os.path.isfile(path):
+        model = build_model(load_checkpoint(path), block_size=block_size).to(dtype)
+    elif os.path.isdir(path):
+        model = families.from_pretrained(path, block_size=block_size, dtype=dtype)
+        model.tokenizer_info = _default_tokenizer(model.family, path)
+        if os.path.isfile(os.path.join(path, EXPORT_INFO)):
+            restore_export(model, path)
+    else:
+        raise UserError(f"{what} {path} not found: pass a checkpoint (.pt), an export folder or a "
+                        f"Hugging Face model folder (model_type {', '.join(families.SUPPORTED)})")
     return model
 
 
-def load_model(path: str, block_size=None) -> GPT:
-    """A GPT from a checkpoint file (.pt, sparse or not) or a Hugging Face GPT-2 folder (or a model name)."""
-    path = resolve_model_path(path)
-    if os.path.isfile(path):
-        model = build_model(load_checkpoint(path))
-        if block_size is not None:
-            if block_size > model.config.block_size:
-                raise UserError(f"block_size {block_size} exceeds the context of {path} ({model.config.block_size})")
-            model.config.block_size = block_size
-            wpe = model.transformer.wpe
-            wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
+@torch.no_grad()
+def restore_export(model, folder):
+    """Give a model loaded from an export folder its SparseLinear layers back, in place.
+
+    Masks are rebuilt from the zeros of the weights (for N:M: the n largest |W| of each group, which keeps every
+    non-zero), so W ⊙ M equals the stored weight exactly; a separately kept SLoRB branch is read back from
+    slorb.safetensors, which a plain transformers load would silently drop.
+    """
+    with open(os.path.join(folder, EXPORT_INFO)) as f:
+        info = json.load(f)
+    names = {families.our_name(model, n) for n in info.get("sparse_layers") or []}
+    if not names:
         return model
-    if os.path.isfile(os.path.join(path, "sparse_export.json")):
-        # a folder written by export.py / prune.py: restore its masks and a separately kept SLoRB branch,
-        # which a plain Hugging Face load would silently drop
-        from export import load_hf_with_slorb
-        return load_hf_with_slorb(path, block_size=block_size)
-    return GPT.from_pretrained(path, block_size=block_size)
+    args = info["sparsity_args"]
+    sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False, **args)
+    slorb = None
+    if args.get("slorb_k"):
+        path = os.path.join(folder, SLORB_FILE)
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} was exported with a separate SLoRB branch but {SLORB_FILE} is missing")
+        from safetensors.torch import load_file
+        slorb = load_file(path)
+    for name, layer in sparse_layers(model):
+        w = layer.weight.abs()
+        mask = nm_mask(w, layer.n, layer.m) if layer.mask_type == "structured" else w != 0
+        layer.mask.copy_(mask)
+        layer.init_mask.copy_(mask)
+        if slorb is not None:
+            key = families.hf_name(model, name)
+            layer.slorb_S.copy_(slorb[f"{key}.slorb_S"])
+            if layer.slorb_X is not None:
+                layer.slorb_X.copy_(slorb[f"{key}.slorb_X"])
+    return model
 
 
 def rng_state() -> dict:

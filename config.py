@@ -24,16 +24,21 @@ class TrainConfig:
     out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and results.json")
     init_from: str = opt("", "'' starts from --student_model; 'resume' continues out_dir/ckpt.pt exactly; "
                              "'scratch' builds a random GPT-2 of --n_layer/--n_head/--n_embd (pretraining); "
-                             "or a checkpoint .pt (e.g. from prune.py) to start from")
-    student_model: str = opt("gpt2", "student: gpt2, gpt2-medium, gpt2-large, gpt2-xl (folders in the project "
-                                     "root) or any Hugging Face GPT-2 folder")
+                             "or a checkpoint .pt / export folder to start from (a sparse one keeps its masks "
+                             "and SLoRB exactly)")
+    student_model: str = opt("gpt2", "student: a local Hugging Face folder of model_type gpt2, opt, llama, "
+                                     "mistral or qwen2 (gpt2 ... gpt2-xl name folders in the project root), an "
+                                     "export folder or a checkpoint .pt")
     n_layer: int = opt(12, "--init_from scratch only: number of blocks")
     n_head: int = opt(12, "--init_from scratch only: attention heads")
     n_embd: int = opt(768, "--init_from scratch only: width")
     dropout: float = opt(0.0, "--init_from scratch only: dropout")
-    teacher_model: str = opt("gpt2", "dense teacher for distillation (any GPT-2 size with the same vocabulary)")
-    data_dir: str = opt("data/c4_dataset", "folder with train.bin and val.bin from data/c4_dataset/prepare.py")
-    wikitext_dir: str = opt("data/wikitext", "folder with test.bin from data/wikitext/prepare.py")
+    teacher_model: str = opt("gpt2", "dense teacher for distillation: any model --student_model accepts with the "
+                                     "student's tokenizer (another size works KL-only)")
+    data_dir: str = opt("data/c4_dataset", "folder with train.bin and val.bin from data/c4_dataset/prepare.py "
+                                           "(made with the student's tokenizer)")
+    wikitext_dir: str = opt("data/wikitext", "folder with test.bin from data/wikitext/prepare.py (made with the "
+                                             "student's tokenizer)")
     calibration: str = opt("", "Wanda calibration file from prepare_calibration_data.py ('' = windows of train.bin)")
     calib_nsamples: int = opt(128, "calibration windows drawn from train.bin when --calibration is empty")
     seed: int = opt(1337, "seeds the data order, initialisation and every RNG")
@@ -165,6 +170,14 @@ def split_argv(argv):
             i += 2
         pairs.append((_canonical(key), value))
     return pairs
+
+
+def explicit_keys(argv) -> set:
+    """The settings the user chose (on the command line or in the --config file), as opposed to defaults."""
+    pairs = split_argv(list(argv))
+    keys = {key for key, _ in pairs}
+    files = [value for key, value in pairs if key == "config"]
+    return keys | set(load_config_file(files[-1])) if files else keys
 
 
 def load_config_file(path):

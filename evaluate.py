@@ -2,9 +2,10 @@
 
     python evaluate.py --model out/ast/ckpt.pt --wikitext_dir data/wikitext --data_dir data/c4_dataset
 
-WikiText-2: the test split's tokens (prepared once by data/wikitext/prepare.py) are cut into
-non-overlapping windows of min(1024, block_size) tokens, the tail dropped; ppl = exp(mean next-token NLL over
-all windows). Under DDP each rank takes every world_size-th window and the sums are all-reduced.
+WikiText-2: the test split's tokens (prepared once by data/wikitext/prepare.py, with the model's tokenizer)
+are cut into non-overlapping windows of block_size tokens (GPT-2: 1024; OPT: its context of 2048 as Wanda and
+SparseGPT evaluate, or --block_size), the tail dropped; ppl = exp(mean next-token NLL over all windows).
+Under DDP each rank takes every world_size-th window and the sums are all-reduced.
 """
 import contextlib
 import json
@@ -19,9 +20,8 @@ import torch.nn.functional as F
 
 import cli
 from cli import UserError
-from data.loader import BinDataset, eval_offsets, load_wikitext_tokens
-from model import GPT
-from sparsity import check_nm
+from data.loader import BinDataset, check_wikitext, eval_offsets, load_wikitext_tokens
+from sparsity import check_nm, sparse_layers
 
 
 def _all_reduce_sum(t):
@@ -31,7 +31,7 @@ def _all_reduce_sum(t):
 
 
 def _nll_sum(model, x, y):
-    if isinstance(model, GPT):  # the fused loss: the same value without materialising the logits
+    if hasattr(model, "features"):  # one of ours: the fused loss, the same value without the full logits
         return model(x, targets=y, return_logits=False)[1].double() * y.numel()
     logits, _ = model(x, targets=y)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
@@ -40,8 +40,8 @@ def _nll_sum(model, x, y):
 @torch.no_grad()
 def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, device="cpu", ctx=None,
                         rank=0, world_size=1, progress=False):
-    """exp(mean NLL) over non-overlapping windows of min(1024, block_size) tokens (0 windows = all)."""
-    seq = min(1024, block_size)
+    """exp(mean NLL) over non-overlapping windows of block_size tokens (0 windows = all)."""
+    seq = block_size
     total = len(tokens) // seq
     n = total if windows <= 0 else min(windows, total)
     if n == 0:
@@ -85,12 +85,33 @@ def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="
 
 
 def sparsity_report(model):
-    """{'nm_ok', 'sparse_layers', 'mean_sparsity'} of the model's sparse layers (None entries when dense)."""
+    """What the model is, read off the model itself (never off the flags that made it).
+
+    nm_ok / sparse_layers / mean_sparsity: check_nm over the sparse layers (None / 0 when dense); pattern: "2:4",
+    "unstructured 0.5" (per row), "unstructured_layer 0.5" or "dense"; slorb_k (0 = none) and whether its
+    projection is trained; params: every parameter once (tied ones once); params_nonzero: params less the
+    pruned weights (the paper's "Parameters" column); slorb_params: S (and a stored X); dense_param_share: the
+    share of params stored dense (everything outside the masked weights: embeddings, norms, head, biases, SLoRB).
+    """
     ok, rows = check_nm(model)
+    layers = [layer for _, layer in sparse_layers(model)]
+    params = sum(p.numel() for p in model.parameters())
+    masked = sum(layer.weight.numel() for layer in layers)
+    pruned = sum(int((~layer.mask).sum()) for layer in layers if layer.sparse)
+    slorb = sum(layer.slorb_S.numel() + (layer.slorb_X.numel() if layer.slorb_X is not None else 0)
+                for layer in layers if layer.slorb_S is not None)
+    patterns = sorted({f"{layer.n}:{layer.m}" if layer.mask_type == "structured"
+                       else f"{layer.mask_type} {layer.sparsity:g}" for layer in layers})
+    slorb_ks = sorted({layer.slorb_k for layer in layers})
+    report = {"family": getattr(model, "family", None), "pattern": " / ".join(patterns) or "dense",
+              "slorb_k": slorb_ks[-1] if slorb_ks else 0,
+              "trainable_projection": any(layer.trainable_projection for layer in layers if layer.slorb_k),
+              "params": params, "params_nonzero": params - pruned, "slorb_params": slorb,
+              "dense_param_share": (params - masked) / params if params else 0.0}
     if not rows:
-        return {"nm_ok": None, "sparse_layers": 0, "mean_sparsity": 0.0}
+        return {"nm_ok": None, "sparse_layers": 0, "mean_sparsity": 0.0, **report}
     return {"nm_ok": ok if any("nm_ok" in r for r in rows) else None, "sparse_layers": len(rows),
-            "mean_sparsity": sum(r["sparsity"] for r in rows) / len(rows)}
+            "mean_sparsity": sum(r["sparsity"] for r in rows) / len(rows), **report}
 
 
 def _bar(total, desc, enabled):
@@ -102,10 +123,12 @@ def main(argv=None):
     from checkpoint import load_model
 
     p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint .pt, Hugging Face GPT-2 folder or model name")
+    p.add_argument("--model", required=True, help="checkpoint .pt, export folder, or Hugging Face folder of any "
+                                                  "supported family (gpt2, opt, llama, mistral, qwen2)")
     p.add_argument("--wikitext_dir", default="data/wikitext", help="folder with test.bin ('' to skip)")
     p.add_argument("--data_dir", default="", help="folder with val.bin for the C4 validation loss ('' to skip)")
-    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--block_size", type=int, default=0,
+                   help="WikiText-2 window and validation sequence length (0 = the model's context: GPT-2 1024)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--eval_iters", type=int, default=100)
     p.add_argument("--ppl_windows", type=int, default=0, help="first N WikiText-2 windows only (0 = all)")
@@ -117,16 +140,17 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     t0 = time.time()
     model = load_model(args.model)
-    block_size = min(args.block_size, model.config.block_size)
+    block_size = min(args.block_size or model.config.block_size, model.config.block_size)
     model.to(args.device).eval()
     result = {"model": args.model, "block_size": block_size, **sparsity_report(model)}
     if args.wikitext_dir:
         tokens = load_wikitext_tokens(args.wikitext_dir, "test")
+        check_wikitext(args.wikitext_dir, tokens, model)
         result["wikitext_ppl"] = wikitext_perplexity(model, tokens, block_size, args.ppl_windows, args.batch_size,
                                                      args.device, progress=sys.stderr.isatty())
         result["ppl_windows"] = args.ppl_windows
     if args.data_dir:
-        val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size)
+        val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model)
         result["val_loss"] = validation_loss(model, val, args.batch_size, args.eval_iters, args.device)
     result["eval_seconds"] = round(time.time() - t0, 2)
     print(json.dumps(result, indent=2))

@@ -1,16 +1,17 @@
-"""Export a checkpoint to a Hugging Face GPT2LMHeadModel folder that `transformers` loads with no custom code.
+"""Export a checkpoint to a Hugging Face folder of the model's own transformers class (GPT2LMHeadModel,
+OPTForCausalLM, LlamaForCausalLM, ...) that `transformers` loads with no custom code.
 
     python export.py --checkpoint out/ast_boosted/best.pt --out out/ast_boosted_hf --verify_ppl_windows 8
 
-The folder holds config.json + model.safetensors (Conv1D layout, the effective weights W ⊙ M: pruned
-weights are exactly zero), the tokenizer (vocab.json + merges.txt) and sparse_export.json (pattern, sparse
-layers, where the tokenizer came from). After writing, the folder is reloaded with
-transformers.GPT2LMHeadModel; every block linear is checked to be exactly N:M and the logits (and with
+The folder holds config.json + model.safetensors (the effective weights W ⊙ M: pruned weights are exactly
+zero; GPT-2 in its Conv1D layout), the tokenizer (copied from the model's own folder) and sparse_export.json
+(pattern, sparse layers, where the tokenizer came from). After writing, the folder is reloaded with
+transformers' AutoModelForCausalLM; every block linear is checked to be exactly N:M and the logits (and with
 --verify_ppl_windows the WikiText-2 perplexity) are compared with the checkpoint's.
 
 SLoRB (AST-Boosted): S X is a dense (out, in) matrix and cannot live inside a 2:4 weight. By default it is kept
 as a separate branch in slorb.safetensors; transformers alone then loads only the 2:4 part, and
-`export.load_hf_with_slorb(folder)` (also used by evaluate.py / checkpoint.load_model) rebuilds the full model.
+`checkpoint.load_model(folder)` (what evaluate.py, main.py and prune.py use) rebuilds the full model.
 --merge_slorb instead writes W ⊙ M + S X: a dense-equivalent model that is no longer N:M.
 """
 import argparse
@@ -20,25 +21,24 @@ import shutil
 import sys
 
 import torch
-import torch.nn as nn
 
 import cli
+import families
+from checkpoint import EXPORT_INFO, SLORB_FILE, load_model, tokenizer_info
 from cli import UserError
-from model import GPT, resolve_model_path
-from sparsity import layer_args, nm_mask, nm_violations, sparse_layers, sparsify
+from data.tokenizer import TOKENIZER_FILES, gpt2_fingerprint, has_hf_tokenizer
+from model import resolve_model_path
+from sparsity import layer_args, nm_violations, sparse_layers
 
-EXPORT_INFO = "sparse_export.json"
-SLORB_FILE = "slorb.safetensors"
-# Hugging Face names first; OpenAI's encoder.json / vocab.bpe hold the same bytes under other names.
-TOKENIZER_LAYOUTS = ({"vocab.json": "vocab.json", "merges.txt": "merges.txt"},
-                     {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"})
-TOKENIZER_EXTRAS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# OpenAI's encoder.json / vocab.bpe hold the GPT-2 BPE under other names: copied as vocab.json / merges.txt.
+OPENAI_GPT2_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
 
 
 # ------------------------------------------------------------------------------------------------ writing
 @torch.no_grad()
-def plain_gpt(model: GPT, merge_slorb=False) -> GPT:
-    """A plain GPT (nn.Linear everywhere) whose block weights are the effective W ⊙ M (+ S X when merging)."""
+def plain_state_dict(model, merge_slorb=False) -> dict:
+    """The model's state dict as plain nn.Linear layers hold it: block weights are the effective W ⊙ M (+ S X
+    when merging); masks, Wanda statistics and SLoRB tensors are left out."""
     sparse = dict(sparse_layers(model))
     skip = ("mask", "init_mask", "input_sq", "slorb_S", "slorb_X")
     sd = {}
@@ -51,39 +51,43 @@ def plain_gpt(model: GPT, merge_slorb=False) -> GPT:
             v = layer.weight * layer.mask
             if merge_slorb:
                 v = v + layer.slorb_delta()
-        sd[k] = v.detach().clone()
-    plain = GPT(model.config)
-    plain.load_state_dict(sd)
-    return plain.eval()
+        sd[k] = v.detach().float().clone()
+    return sd
 
 
 def find_tokenizer(candidates):
-    """First folder among candidates holding the GPT-2 tokenizer: (folder, {our name: file there}) or (None, None)."""
+    """First folder among candidates holding a tokenizer: (folder, {name in the export: file there}) or (None, None)."""
     for folder in candidates:
         if not folder or not os.path.isdir(folder):
             continue
-        for layout in TOKENIZER_LAYOUTS:
-            if all(os.path.isfile(os.path.join(folder, f)) for f in layout.values()):
-                return folder, layout
+        if has_hf_tokenizer(folder):
+            return folder, {f: f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))}
+        if all(os.path.isfile(os.path.join(folder, f)) for f in OPENAI_GPT2_FILES.values()):
+            return folder, dict(OPENAI_GPT2_FILES)
     return None, None
 
 
-def default_tokenizer_dirs():
+def default_tokenizer_dirs(model):
+    """The shared GPT-2 tokenizer, for models known to use GPT-2's BPE (never guessed for other tokenizers)."""
+    fp = tokenizer_info(model)["fingerprint"]
+    if model.family != "gpt2" and (fp is None or fp != gpt2_fingerprint()):
+        return []
     root = os.path.join(cli.default_data_root(), "gpt2_tokenizer")
     return [os.path.join(root, "hf"), root]
 
 
 @torch.no_grad()
-def export_model(model: GPT, out, tokenizer_dirs=(), merge_slorb=False, source=""):
-    """Write `model` (a GPT, sparse or not) as a Hugging Face folder; returns what sparse_export.json records.
+def export_model(model, out, tokenizer_dirs=(), merge_slorb=False, source=""):
+    """Write `model` (any family, sparse or not) as a Hugging Face folder; returns what sparse_export.json records.
 
-    tokenizer_dirs: folders (or model names) searched in order for the tokenizer, then the shared data folder.
+    tokenizer_dirs: folders (or model names) searched in order for the tokenizer, then the model's own tokenizer
+    folder, then (GPT-2 tokenizers only) the shared data folder.
     """
     layers = sparse_layers(model)
     has_slorb = any(layer.slorb_S is not None for _, layer in layers)
     slorb_mode = None if not has_slorb else ("merged" if merge_slorb else "separate")
     os.makedirs(out, exist_ok=True)
-    plain_gpt(model, merge_slorb=merge_slorb).save_pretrained(out)
+    families.save_pretrained(model, out, plain_state_dict(model, merge_slorb=merge_slorb))
 
     stale = os.path.join(out, SLORB_FILE)
     if os.path.exists(stale):
@@ -93,30 +97,30 @@ def export_model(model: GPT, out, tokenizer_dirs=(), merge_slorb=False, source="
 
         tensors = {}
         for name, layer in layers:
-            tensors[f"{name}.slorb_S"] = layer.slorb_S.detach().float().cpu().contiguous()
+            key = families.hf_name(model, name)
+            tensors[f"{key}.slorb_S"] = layer.slorb_S.detach().float().cpu().contiguous()
             if layer.slorb_X is not None:  # a learned (or xavier) projection; else the fixed block indicator
-                tensors[f"{name}.slorb_X"] = layer.slorb_X.detach().float().cpu().contiguous()
+                tensors[f"{key}.slorb_X"] = layer.slorb_X.detach().float().cpu().contiguous()
         save_file(tensors, os.path.join(out, SLORB_FILE), metadata={"format": "pt"})
 
-    dirs = [resolve_model_path(d) for d in tokenizer_dirs if d] + default_tokenizer_dirs()
-    tok_dir, layout = find_tokenizer(dirs)
+    dirs = [resolve_model_path(d) for d in tokenizer_dirs if d] + [tokenizer_info(model)["dir"]] \
+        + default_tokenizer_dirs(model)
+    tok_dir, files = find_tokenizer(dirs)
     if tok_dir is not None:
-        for ours, theirs in layout.items():
+        for ours, theirs in files.items():
             shutil.copyfile(os.path.join(tok_dir, theirs), os.path.join(out, ours))
-        for extra in TOKENIZER_EXTRAS:
-            if layout["vocab.json"] == "vocab.json" and os.path.isfile(os.path.join(tok_dir, extra)):
-                shutil.copyfile(os.path.join(tok_dir, extra), os.path.join(out, extra))
         print(f"tokenizer: copied from {tok_dir}")
     else:
-        print(f"warning: no GPT-2 tokenizer found (looked in {', '.join(dirs)}); the folder has no "
-              "vocab.json/merges.txt: pass --tokenizer_dir", file=sys.stderr)
+        print(f"warning: no tokenizer found (looked in {', '.join(d for d in dirs if d) or 'nothing'}); the "
+              "folder has no tokenizer files: pass --tokenizer_dir", file=sys.stderr)
 
     args = layer_args(layers[0][1]) if layers else None
     structured = bool(layers) and args["mask_type"] == "structured"
     info = {
-        "format": 1,
+        "format": 2,
+        "family": model.family,
         "source": source,
-        "sparse_layers": [name for name, _ in layers] if slorb_mode != "merged" else [],
+        "sparse_layers": [families.hf_name(model, name) for name, _ in layers] if slorb_mode != "merged" else [],
         "sparsity_args": args if slorb_mode != "merged" else None,
         "pattern": (f"{args['n']}:{args['m']}" if structured else args["mask_type"]) if layers else None,
         "nm_exact": structured and slorb_mode != "merged",
@@ -125,7 +129,7 @@ def export_model(model: GPT, out, tokenizer_dirs=(), merge_slorb=False, source="
     }
     if slorb_mode == "separate":
         info["note"] = ("model.safetensors holds only the sparse W*M; the SLoRB branch S X is in slorb.safetensors: "
-                        "load the full model with export.load_hf_with_slorb(folder)")
+                        "load the full model with checkpoint.load_model(folder)")
     elif slorb_mode == "merged":
         info["note"] = "--merge_slorb: weights are W*M + S X, dense-equivalent, NOT N:M sparse"
     with open(os.path.join(out, EXPORT_INFO), "w") as f:
@@ -133,46 +137,13 @@ def export_model(model: GPT, out, tokenizer_dirs=(), merge_slorb=False, source="
     return info
 
 
-# ------------------------------------------------------------------------------------------------ reading
-@torch.no_grad()
-def load_hf_with_slorb(folder, block_size=None) -> GPT:
-    """A GPT from an exported folder with its SparseLinear masks (and the SLoRB branch, when kept) restored.
-
-    Masks are rebuilt from the zeros of the weights (for N:M: the n largest |W| of each group, which keeps
-    every non-zero), so W ⊙ M equals the stored weight exactly and the logits equal the checkpoint's.
-    """
-    model = GPT.from_pretrained(folder, block_size=block_size)
-    info_path = os.path.join(folder, EXPORT_INFO)
-    if not os.path.isfile(info_path):
-        return model  # a plain Hugging Face folder
-    with open(info_path) as f:
-        info = json.load(f)
-    names = set(info.get("sparse_layers") or [])
-    if not names:
-        return model
-    args = info["sparsity_args"]
-    sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False, **args)
-    slorb = None
-    if args.get("slorb_k"):
-        path = os.path.join(folder, SLORB_FILE)
-        if not os.path.isfile(path):
-            raise UserError(f"{folder} was exported with a separate SLoRB branch but {SLORB_FILE} is missing")
-        from safetensors.torch import load_file
-        slorb = load_file(path)
-    for name, layer in sparse_layers(model):
-        w = layer.weight.abs()
-        mask = nm_mask(w, layer.n, layer.m) if layer.mask_type == "structured" else w != 0
-        layer.mask.copy_(mask)
-        layer.init_mask.copy_(mask)
-        if slorb is not None:
-            layer.slorb_S.copy_(slorb[f"{name}.slorb_S"])
-            if layer.slorb_X is not None:
-                layer.slorb_X.copy_(slorb[f"{name}.slorb_X"])
-    return model
+# ------------------------------------------------------------------------------------------------ checking
+def _rel_diff(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-class HFAsGPT(nn.Module):
-    """A transformers GPT2LMHeadModel behind our GPT's forward(idx, targets) -> (logits, loss) signature."""
+class _TransformersLogits(torch.nn.Module):
+    """A transformers model behind our forward(idx, targets) -> (logits, loss) signature (loss not computed)."""
 
     def __init__(self, hf):
         super().__init__()
@@ -182,28 +153,21 @@ class HFAsGPT(nn.Module):
         return self.hf(idx).logits, None
 
 
-def _rel_diff(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 @torch.no_grad()
-def verify_export(model: GPT, out, info, wikitext_tokens=None, ppl_windows=0, tol=1e-4):
+def verify_export(model, out, info, wikitext_tokens=None, ppl_windows=0, tol=1e-4):
     """Reload the folder with transformers (and our loader); check N:M and compare logits / perplexity."""
-    from transformers import GPT2LMHeadModel
-
     from evaluate import wikitext_perplexity
 
     model.eval()
-    hf = GPT2LMHeadModel.from_pretrained(out).eval()
-    report = {"ok": True}
+    hf = families.load_transformers(out)
+    report = {"ok": True, "transformers_class": type(hf).__name__}
     if info["nm_exact"]:
         n, m = info["sparsity_args"]["n"], info["sparsity_args"]["m"]
-        # transformers' Conv1D stores (in, out): transpose so the groups of m run along the input dimension
-        bad = {name: nm_violations(hf.get_submodule(name).weight.t(), n, m) for name in info["sparse_layers"]}
+        bad = {name: nm_violations(families.transformers_weight(hf, name), n, m) for name in info["sparse_layers"]}
         report["nm_violations"] = sum(bad.values())
         report["nm_ok"] = report["nm_violations"] == 0
         report["ok"] &= report["nm_ok"]
-        print(f"N:M check after reloading with transformers: {len(bad)} layers, "
+        print(f"N:M check after reloading with transformers ({type(hf).__name__}): {len(bad)} layers, "
               f"{report['nm_violations']} groups over {n}:{m} -> {'ok' if report['nm_ok'] else 'FAILED'}")
     elif info["slorb"] == "merged":
         print("NOTE: --merge_slorb: the export is dense-equivalent (W*M + S X), NOT N:M; N:M check skipped",
@@ -211,12 +175,12 @@ def verify_export(model: GPT, out, info, wikitext_tokens=None, ppl_windows=0, to
     else:
         print(f"N:M check skipped: the model is {info['pattern'] or 'dense'}")
     # With a separate SLoRB branch transformers sees only W ⊙ M; the full model is our loader's.
-    exported = load_hf_with_slorb(out).eval() if info["slorb"] == "separate" else HFAsGPT(hf)
+    exported = load_model(out).eval() if info["slorb"] == "separate" else _TransformersLogits(hf)
     seq = min(64, model.config.block_size)
     idx = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
     report["logits_rel_diff"] = _rel_diff(exported(idx, targets=idx)[0], model(idx, targets=idx)[0])
     report["ok"] &= report["logits_rel_diff"] <= tol
-    via = "export.load_hf_with_slorb" if info["slorb"] == "separate" else "transformers"
+    via = "checkpoint.load_model" if info["slorb"] == "separate" else "transformers"
     print(f"logits of the export ({via}) vs the checkpoint: max relative difference "
           f"{report['logits_rel_diff']:.2e} (tolerance {tol:g})")
     if wikitext_tokens is not None and ppl_windows > 0:
@@ -245,11 +209,12 @@ def main(argv=None):
 
     p = cli.ArgumentParser(prog="export.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="main.py ckpt.pt / best.pt or a prune.py .pt")
-    p.add_argument("--out", required=True, help="output folder (Hugging Face GPT2LMHeadModel)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+                   help="main.py ckpt.pt / best.pt, a prune.py .pt, or an export / Hugging Face folder")
+    p.add_argument("--out", required=True, help="output folder (a Hugging Face folder of the model's transformers class)")
     p.add_argument("--tokenizer_dir", default="",
-                   help="copy vocab.json/merges.txt (or encoder.json/vocab.bpe) from here; default: the model "
-                        "folder the checkpoint records, else $SPARSE_GPT2_DATA/gpt2_tokenizer")
+                   help="copy the tokenizer files from here; default: the model folder the checkpoint records, "
+                        "else (GPT-2 tokenizers) $SPARSE_GPT2_DATA/gpt2_tokenizer")
     p.add_argument("--merge_slorb", type=cli.parse_bool, default=False,
                    help="SLoRB checkpoints: merge S X into the weights (dense-equivalent, NO LONGER N:M); "
                         "default keeps SLoRB separate in slorb.safetensors")
@@ -262,14 +227,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise UserError(f"{args.out} exists and is not empty: pass --force to write into it")
-    ckpt = load_checkpoint(args.checkpoint)
-    model = build_model(ckpt).eval()
-    info = export_model(model, args.out, [args.tokenizer_dir, *checkpoint_model_dirs(ckpt)], args.merge_slorb,
-                        source=os.path.abspath(args.checkpoint))
+    source = resolve_model_path(args.checkpoint)
+    if os.path.isfile(source):
+        ckpt = load_checkpoint(source)
+        model, recorded = build_model(ckpt), checkpoint_model_dirs(ckpt)
+    else:  # an export or Hugging Face folder (e.g. to re-export, or to export a dense model)
+        model, recorded = load_model(source, what="--checkpoint"), []
+    model.eval()
+    info = export_model(model, args.out, [args.tokenizer_dir, *recorded], args.merge_slorb,
+                        source=os.path.abspath(source))
     if info["slorb"] == "separate":
         print("NOTE: this checkpoint has SLoRB; it is kept as a separate branch in slorb.safetensors (not merged "
               "into the 2:4 weights). transformers alone loads only the 2:4 part; the full model loads with "
-              "export.load_hf_with_slorb(folder), and evaluate.py --model FOLDER uses it. --merge_slorb True "
+              "checkpoint.load_model(folder), which evaluate.py, main.py and prune.py use. --merge_slorb True "
               "writes a dense-equivalent (not N:M) folder instead.", file=sys.stderr)
     print(f"wrote {args.out} (pattern {info['pattern']}, SLoRB {info['slorb'] or 'none'})")
     if not args.verify:

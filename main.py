@@ -1,7 +1,10 @@
-"""Train a GPT-2 student into an N:M sparse model (Adaptive Sparse Training), on one process or under torchrun.
+"""Train a student (GPT-2, OPT, LLaMA, Mistral, Qwen2) into an N:M sparse model (Adaptive Sparse Training), on
+one process or under torchrun.
 
     python main.py --config configs/cpu_tiny.py
     torchrun --nproc_per_node=8 main.py --config ast_naive --student_model gpt2 --teacher_model gpt2
+    torchrun --nproc_per_node=8 main.py --config ast_boosted --student_model opt-125m --teacher_model opt-125m \
+        --block_size 2048 --data_dir data/c4_opt --wikitext_dir data/wikitext_opt
 
 Every flag lives in config.py (`python main.py --help`). train() below reads top to bottom as one
 optimizer step: LR and λ for the step, micro-batches with gradient accumulation (DDP syncs only on the last,
@@ -9,6 +12,7 @@ forward and backward both inside no_sync), clip, optimizer step, then the mask r
 and checkpoints.
 """
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -23,13 +27,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
-from checkpoint import (build_model, git_commit, load_checkpoint, model_state, rng_state,
-                        save_checkpoint, set_rng_state)
+import families
+from checkpoint import (build_model, git_commit, load_checkpoint, load_model, model_state, rng_state,
+                        save_checkpoint, set_rng_state, tokenizer_info)
 from cli import UserError
-from config import TrainConfig, help_text, parse_config
-from data.loader import BinDataset, GlobalBatchSampler, load_calibration, load_wikitext_tokens, micro_batches
+from config import TrainConfig, explicit_keys, help_text, parse_config
+from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_wikitext, load_calibration,
+                         load_wikitext_tokens, micro_batches)
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, resolve_model_path
 from sparsity import (SRSTEAdamW, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers, sparsify,
                       srste_lambda, update_masks)
 
@@ -112,32 +118,57 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr * max(cfg.max_iters - it, 0) / (cfg.max_iters - cfg.lr_decay_iters)
 
 
-def calibration_tokens(cfg: TrainConfig, train: BinDataset):
+def calibration_tokens(cfg: TrainConfig, train: BinDataset, model):
     """Wanda calibration windows: the file from prepare_calibration_data.py, or seeded windows of train.bin."""
     if cfg.calibration:
-        tokens, _ = load_calibration(cfg.calibration)
+        tokens, meta = load_calibration(cfg.calibration)
+        check_tokenizer(meta, model, cfg.calibration)
         return tokens[:, :cfg.block_size]
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.randint(0, len(train) - cfg.block_size, (cfg.calib_nsamples,), generator=gen)
     return train.get_batch(offsets.numpy())[0]
 
 
-def build_student(cfg: TrainConfig, rt: Runtime, train: BinDataset) -> GPT:
-    """The student before training: a model folder (or a checkpoint) made sparse as the flags say."""
-    init = cfg.init_from
-    if init and init != "resume" and os.path.isfile(init):
-        model = build_model(load_checkpoint(init))  # e.g. a one-shot pruned model from prune.py
-        if cfg.block_size > model.config.block_size:
-            raise UserError(f"--block_size {cfg.block_size} exceeds the context of {init} "
-                            f"({model.config.block_size})")
-    elif init == "scratch":
-        model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, dropout=cfg.dropout))
-    else:
-        model = GPT.from_pretrained(init or cfg.student_model, block_size=cfg.block_size)
-    if cfg.mode == "sparse_forward" and not sparse_layers(model):
+def load_student(cfg: TrainConfig):
+    """The starting model, through the one loader: a checkpoint, an export or a Hugging Face folder (any family)."""
+    if cfg.init_from == "scratch":
+        return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, dropout=cfg.dropout))
+    if cfg.init_from and not os.path.exists(resolve_model_path(cfg.init_from)):
+        raise UserError(f"--init_from {cfg.init_from!r} is none of: resume, scratch, an existing checkpoint "
+                        f"file, an export or Hugging Face model folder")
+    return load_model(cfg.init_from or cfg.student_model, block_size=cfg.block_size,
+                      what="--init_from" if cfg.init_from else "--student_model")
+
+
+def adopt_sparsity(model, cfg: TrainConfig, explicit) -> TrainConfig:
+    """A sparse starting point (a checkpoint or an export) keeps its layers, masks and SLoRB exactly: the config
+    takes their settings, so what the run records is what it trains; a flag the user set to something else stops."""
+    layer = sparse_layers(model)[0][1]
+    have = {"mode": "sparse_forward", "prune_schedule": "none", "mask_type": layer.mask_type,
+            "mask_metric": layer.metric, "SLoRB": bool(layer.slorb_k)}
+    have.update({"N": layer.n, "M": layer.m} if layer.mask_type == "structured" else {"sparsity": layer.sparsity})
+    if layer.slorb_k:
+        have.update(SLoRB_k=layer.slorb_k, trainable_projection=layer.trainable_projection)
+    source = cfg.init_from or cfg.student_model
+    for key, value in have.items():
+        if key in explicit and getattr(cfg, key) != value:
+            raise UserError(f"--{key} {getattr(cfg, key)} contradicts {source}, which is already sparse with "
+                            f"{key} = {value}: drop the flag (the model keeps its masks and SLoRB) or start "
+                            f"from the dense model")
+    return dataclasses.replace(cfg, **have)
+
+
+def build_student(cfg: TrainConfig, explicit, rt: Runtime, train: BinDataset):
+    """(the student before training, the config as it applies to it): a starting model made sparse as the flags
+    say, or, when it is sparse already, kept exactly as it is (adopt_sparsity)."""
+    model = load_student(cfg)
+    train.check_model(model)
+    if sparse_layers(model):
+        cfg = adopt_sparsity(model, cfg, explicit)
+    elif cfg.mode == "sparse_forward":
         hard = cfg.prune_schedule != "none"  # GMP/IMP: plain masked training, masks start all-ones
-        tokens = calibration_tokens(cfg, train) if (cfg.mask_metric == "wanda" and not hard) else None
+        tokens = calibration_tokens(cfg, train, model) if (cfg.mask_metric == "wanda" and not hard) else None
 
         def calib(mdl):  # Wanda: forward passes over the calibration windows (masks off, statistics on)
             for i in range(0, len(tokens), cfg.batch_size):
@@ -145,17 +176,17 @@ def build_student(cfg: TrainConfig, rt: Runtime, train: BinDataset) -> GPT:
                     mdl(tokens[i:i + cfg.batch_size].to(rt.device))
         model.to(rt.device)
         try:
-            sparsify(model, n=cfg.N, m=cfg.M, metric=cfg.mask_metric, mask_type=cfg.mask_type,
-                     sparsity=cfg.sparsity, slorb_k=cfg.SLoRB_k if cfg.SLoRB else 0,
+            sparsify(model, n=cfg.N, m=cfg.M, metric=cfg.mask_metric, filter_fn=families.sparse_filter(model),
+                     mask_type=cfg.mask_type, sparsity=cfg.sparsity, slorb_k=cfg.SLoRB_k if cfg.SLoRB else 0,
                      slorb_init=cfg.SLoRB_init_type, trainable_projection=cfg.trainable_projection,
                      ste=not hard, calibrate=calib, init_masks=not hard)
         except ValueError as e:  # a pattern or SLoRB k that does not fit the model's widths
             raise UserError(str(e)) from None
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model.to(rt.device)
+    return model.to(rt.device), cfg
 
 
-def configure_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime):
+def configure_optimizer(model, cfg: TrainConfig, rt: Runtime):
     """AdamW; with SR-STE on, SRSTEAdamW (the paper's variant or the classic one). Decay on 2-D params only."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -170,7 +201,7 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime):
 
 
 @torch.no_grad()
-def apply_pruning_schedule(model: GPT, cfg: TrainConfig, step: int, current: float) -> float:
+def apply_pruning_schedule(model, cfg: TrainConfig, step: int, current: float) -> float:
     """GMP/IMP: prune the scheduled fraction of the N:M-pruned weights by magnitude; pruned stay pruned."""
     fraction = pruning_fraction(step, cfg.prune_schedule, cfg.prune_start, cfg.prune_end, cfg.prune_rounds)
     due = cfg.prune_schedule == "iterative" or step % cfg.mask_update_interval == 0 or step >= cfg.prune_end
@@ -183,7 +214,7 @@ def apply_pruning_schedule(model: GPT, cfg: TrainConfig, step: int, current: flo
     return fraction
 
 
-def mask_fingerprint(model: GPT, device) -> torch.Tensor:
+def mask_fingerprint(model, device) -> torch.Tensor:
     """Per sparse layer: number of kept weights and the sum of their flat positions (cheap to compare)."""
     rows = [torch.stack([layer.mask.sum(), layer.mask.flatten().nonzero().sum()]).double()
             for _, layer in sparse_layers(model)]
@@ -211,13 +242,13 @@ def main(argv=None):
         torch.set_num_threads(cfg.num_threads)
     rt = Runtime(cfg)
     try:
-        return train(cfg, rt)
+        return train(cfg, rt, explicit_keys(argv))
     finally:
         if rt.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, rt: Runtime):
+def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     resume = cfg.init_from == "resume"
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if resume and not os.path.isfile(ckpt_path):
@@ -239,11 +270,14 @@ def train(cfg: TrainConfig, rt: Runtime):
     torch.manual_seed(cfg.seed)
     if resume:
         model = build_model(ckpt).to(rt.device)
+        train_data.check_model(model)
         model.gradient_checkpointing = cfg.gradient_checkpointing
     else:
-        model = build_student(cfg, rt, train_data)
+        model, cfg = build_student(cfg, explicit, rt, train_data)
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
+    val_data.check_model(model)
+    check_wikitext(cfg.wikitext_dir, wikitext, model)
     distiller = None
     if cfg.distill_model:
         from distill import Distiller, load_teacher
@@ -251,6 +285,10 @@ def train(cfg: TrainConfig, rt: Runtime):
         tdtype = cfg.teacher_dtype if cfg.teacher_dtype != "auto" else \
             ("bfloat16" if rt.device_type == "cuda" else "float32")
         teacher = load_teacher(cfg.teacher_model, rt.device, tdtype, block_size=cfg.block_size)
+        theirs, ours = tokenizer_info(teacher.model)["fingerprint"], tokenizer_info(model)["fingerprint"]
+        if theirs and ours and theirs != ours:
+            raise UserError(f"--teacher_model {cfg.teacher_model} uses another tokenizer than the student: "
+                            f"distillation compares logits token by token, so pick a teacher of the same tokenizer")
         distiller = Distiller(teacher, model.config, cfg.hardness_task, cfg.hardness_kldiv,
                               cfg.hardness_squarehead, cfg.distill_temperature, cfg.distill_chunk_size)
     optimizer = configure_optimizer(model, cfg, rt)

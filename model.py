@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import REPO_ROOT, UserError
+from loss import cross_entropy
 
 
 @dataclass
@@ -89,113 +90,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class FusedLMHeadLoss(torch.autograd.Function):
-    """Mean CE of x headᵀ, and with a teacher τ²·mean KL(teacher ‖ student), gradients formed chunk by chunk
-    in the forward (lm_head_cross_entropy here, distill.py's CE + KL).
-
-    Per chunk: student logits z; d CE / dz = softmax(z) − onehot; d (τ² KL) / dz = τ (softmax(z/τ) − p_t). The
-    gradient is multiplied back into dx and d head at once and the chunk's logits are freed: a cache-sized
-    chunk makes this several times faster than autograd through log_softmax on a CPU, and on a GPU no (N, V)
-    tensor outlives its chunk. With weights = (w_ce, w_kl) the two logit gradients are summed first (one pair
-    of GEMMs per chunk, as autograd would do) and only the third output, w_ce·CE + w_kl·KL, is differentiable;
-    without, each term keeps its own dx and d head (tests, and callers that weigh the terms later).
-    """
-
-    @staticmethod
-    def forward(ctx, x, head, targets, teacher_x, teacher_head, temperature, chunk_size, need_grad, weights):
-        f = torch.promote_types(x.dtype, torch.float32)
-        want_kl = teacher_x is not None
-        valid = targets != -1
-        n = valid.sum().clamp(min=1).to(f)
-        ce, kl = torch.zeros((), dtype=f, device=x.device), torch.zeros((), dtype=f, device=x.device)
-        terms = (("loss",) if weights is not None else ("ce", "kl") if want_kl else ("ce",)) if need_grad else ()
-        grads = {term: (torch.empty_like(x), torch.zeros_like(head, dtype=f)) for term in terms}
-        w_ce, w_kl = weights if weights is not None else (1.0, 1.0)
-        for i in range(0, x.shape[0], chunk_size):
-            xs, t, ok = x[i:i + chunk_size], targets[i:i + chunk_size].clamp(min=0), valid[i:i + chunk_size]
-            okf = ok.to(f).unsqueeze(1)
-            rows = torch.arange(len(t), device=x.device)
-            z = (xs @ head.t().to(xs.dtype)).to(f)
-            lse = torch.logsumexp(z, dim=-1)
-            ce += ((lse - z[rows, t]) * okf.squeeze(1)).sum()
-            g_kl = None
-            if want_kl:
-                zt = (teacher_x[i:i + chunk_size] @ teacher_head.t().to(teacher_x.dtype)).to(f).div_(temperature)
-                log_t = zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))
-                log_s = z / temperature
-                log_s = log_s.sub_(torch.logsumexp(log_s, dim=-1, keepdim=True))
-                p_t = log_t.exp()
-                kl += ((log_t - log_s).mul_(p_t).sum(-1) * okf.squeeze(1)).sum()
-                if need_grad:
-                    g_kl = log_s.exp_().sub_(p_t).mul_(okf * (w_kl * temperature / n))  # d(w τ²·KL/n)/dz
-                    if weights is None:
-                        _accumulate(grads["kl"], g_kl, xs, head, i)
-                        g_kl = None
-            if need_grad:
-                g = z.sub_(lse.unsqueeze(1)).exp_()  # softmax(z), in place of the logits
-                g[rows, t] -= 1.0
-                g.mul_(okf * (w_ce / n))
-                if g_kl is not None:
-                    g += g_kl
-                _accumulate(grads["loss" if weights is not None else "ce"], g, xs, head, i)
-        ctx.terms, ctx.head_dtype = terms, head.dtype
-        ctx.save_for_backward(*[t for pair in grads.values() for t in pair])
-        ce, kl = ce / n, kl * temperature ** 2 / n
-        loss = w_ce * ce + (w_kl * kl if want_kl else 0.0)
-        if weights is not None:
-            ctx.mark_non_differentiable(ce, kl)
-        return ce, kl, loss
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kl, grad_loss):
-        saved = ctx.saved_tensors
-        scale = {"ce": grad_ce, "kl": grad_kl, "loss": grad_loss}
-        gx = gw = None
-        for k, term in enumerate(ctx.terms):
-            if scale[term] is None:
-                continue
-            dx, dw = saved[2 * k], saved[2 * k + 1]
-            gx = dx * scale[term] if gx is None else gx + dx * scale[term]
-            gw = dw * scale[term] if gw is None else gw + dw * scale[term]
-        if gw is not None:
-            gw = gw.to(ctx.head_dtype)
-        return gx, gw, None, None, None, None, None, None, None
-
-
-def _accumulate(pair, g, xs, head, i):
-    dx, dw = pair
-    dx[i:i + len(xs)] = g.to(xs.dtype) @ head.to(xs.dtype)
-    dw.addmm_(g.t(), xs.to(dw.dtype))
-
-
-def default_chunk_size(device, width: int, with_kl: bool = False) -> int:
-    """Tokens per chunk of the fused lm_head losses when the caller does not say.
-
-    On a CPU a narrow model's chunk of 64 × vocab logits stays in cache, which makes the fused loss 1.5-1.9x
-    faster than full logits; a wide model's time goes to the GEMMs, which a K = 64 update of the (vocab, C)
-    gradient runs badly, so chunks grow with the width. Measured (one thread, fwd + bwd): CE alone is fastest
-    at 128-256 tokens for C = 384 and at 512-1024 for C = 768; CE + KL, which holds four chunk-sized arrays,
-    at 64-256 for C = 384 and 256 for C = 768. On GPUs 2048.
-    """
-    if torch.device(device).type != "cpu":
-        return 2048
-    if width <= 128:
-        return 64
-    return 256 if with_kl or width < 768 else 1024
-
-
-def lm_head_cross_entropy(x, weight, targets, chunk_size=None):
-    """Mean next-token cross-entropy of logits x Wᵀ (x: (N, C), W: (vocab, C)), targets == -1 ignored.
-
-    chunk_size: tokens per chunk (None: default_chunk_size); only one chunk's logits exist at a time.
-    """
-    if chunk_size is None:
-        chunk_size = default_chunk_size(x.device, x.shape[-1])
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return FusedLMHeadLoss.apply(x, weight, targets, None, None, 1.0, chunk_size, need_grad, (1.0, 0.0))[2]
-
-
 class GPT(nn.Module):
+    family = "gpt2"
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -227,6 +124,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
+    @property
+    def blocks(self):
+        return self.transformer.h
+
     def features(self, idx, return_hidden=False):
         """Final hidden states after ln_f, shape (B, T, n_embd); with return_hidden, also each block's output."""
         B, T = idx.shape
@@ -249,7 +150,7 @@ class GPT(nn.Module):
         """Returns (logits, loss), or (logits, loss, hidden) with return_hidden.
 
         With targets: logits for every position and the mean next-token cross-entropy (targets == -1 ignored);
-        return_logits=False computes only the loss, through lm_head_cross_entropy (logits None), which never
+        return_logits=False computes only the loss, through loss.cross_entropy (logits None), which never
         holds the (B·T, vocab) logits and is faster: the training loop's choice.
         Without targets: logits of the last position only (the generation shortcut), loss None.
         features_only: return features(idx, return_hidden) instead, so a loss that applies lm_head in chunks
@@ -257,10 +158,12 @@ class GPT(nn.Module):
         """
         if features_only:
             return self.features(idx, return_hidden)
-        x, hidden = self.features(idx, return_hidden=True)
+        out = self.features(idx, return_hidden)
+        x, hidden = out if return_hidden else (out, None)
         if targets is not None and not return_logits:
             logits = None
-            loss = lm_head_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            loss = cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                 bias=self.lm_head.bias)
         elif targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)

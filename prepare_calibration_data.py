@@ -1,4 +1,4 @@
-"""Cut the pruning calibration set: nsamples random windows of seqlen GPT-2 tokens from C4 train documents.
+"""Cut the pruning calibration set: nsamples random windows of seqlen tokens from C4 train documents.
 
     python prepare_calibration_data.py --input ../shared/data/c4/en/c4-train.00000-of-01024.head1000.json.gz \
         --nsamples 64 --seqlen 1024 --seed 0 --out data/c4_dataset/calibration.pt
@@ -8,7 +8,9 @@ of seqlen tokens from it, else pick again. One difference, on purpose: documents
 replacement, so the windows come from nsamples distinct documents (never two windows of one document);
 when fewer documents are long enough, the script says so instead of repeating them. The RNG is a local
 numpy Generator seeded with --seed (the published script never applied its seed), and the same inputs and
-seed give a byte-identical file. Load it with `data.loader.load_calibration(path)`.
+seed give a byte-identical file. Tokens are tiktoken GPT-2's, or with --tokenizer MODEL_DIR that model's own
+(each document encoded as the published code does, with the tokenizer's own special tokens: for OPT and LLaMA a
+window that starts at a document's first token begins with BOS). Load it with `data.loader.load_calibration(path)`.
 
 All documents of the inputs are held in memory: pass one C4 shard, not many.
 """
@@ -21,7 +23,7 @@ import torch
 import cli
 from cli import UserError
 from data.c4_dataset.prepare import expand_inputs, read_documents, refuse_existing, sha256_file, temp_name
-from data.tokenizer import TOKENIZER_DIR_HELP, get_gpt2_encoding
+from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 METHOD = "one random window per distinct random document longer than seqlen (Wanda/SparseGPT style)"
@@ -61,7 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer_dir", default=None, help=TOKENIZER_DIR_HELP)
+    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
+                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = p.parse_args(argv)
     if not args.input:
@@ -80,9 +84,9 @@ def main(argv=None):
     args = parse_args(argv)
     refuse_existing([args.out], args.force)
     files = expand_inputs(args.input, "--input")
-    enc = get_gpt2_encoding(args.tokenizer_dir)
+    tok = get_tokenizer(args.tokenizer, args.tokenizer_dir)
     docs = [text for path in files for text in read_documents(path)]
-    windows = sample_windows(docs, enc.encode_ordinary, args.nsamples, args.seqlen, args.seed)
+    windows = sample_windows(docs, tok.encode_stream, args.nsamples, args.seqlen, args.seed)
     obj = {
         "tokens": torch.from_numpy(windows),
         "seed": args.seed,
@@ -90,7 +94,8 @@ def main(argv=None):
         "nsamples": args.nsamples,
         # names, not paths: the file must not depend on where the inputs sit
         "sources": [{"file": os.path.basename(f), "sha256": sha256_file(f)} for f in files],
-        "tokenizer": "tiktoken gpt2, encode_ordinary",
+        "tokenizer": {k: v for k, v in tok.meta("encode_ordinary" if args.tokenizer is None
+                                                  else "with the tokenizer's special tokens").items() if k != "loaded_from"},
         "method": METHOD,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

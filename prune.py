@@ -26,9 +26,10 @@ import time
 import torch
 
 import cli
+import families
 from checkpoint import load_model, model_state, save_checkpoint
 from cli import UserError
-from data.loader import BinDataset, load_calibration, load_wikitext_tokens
+from data.loader import BinDataset, check_tokenizer, check_wikitext, load_calibration, load_wikitext_tokens
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from sparsity import check_pattern, collect_input_norms, nm_mask, sparse_layers, sparsify, unstructured_mask
 
@@ -143,9 +144,12 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
     mask_type = "structured" if sparsity == 0 else UNSTRUCTURED_SCOPE[method]
     metric = "wanda" if method == "wanda" else "magnitude"
     model.eval()
+    if method != "magnitude" and model.family != "gpt2":
+        raise UserError(f"--method {method} runs block by block on GPT-2 models only so far; "
+                        f"for {model.family} use --method magnitude")
     # Masks start all-ones (init_masks=False) and are set block by block below; magnitude sets them all now.
     sparsify(model, n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity,
-             init_masks=method == "magnitude")
+             filter_fn=families.sparse_filter(model), init_masks=method == "magnitude")
     if method != "magnitude":
         if tokens is None:
             raise UserError(f"--method {method} needs calibration data (--calibration FILE)")
@@ -180,8 +184,8 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="prune.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="dense model: Hugging Face GPT-2 folder, model name (gpt2, ...) "
-                                                  "or a dense checkpoint .pt")
+    p.add_argument("--model", required=True, help="dense model: a Hugging Face folder (gpt2, opt, llama, mistral, "
+                                                  "qwen2), a GPT-2 name (gpt2, ...) or a dense checkpoint .pt")
     p.add_argument("--method", required=True, choices=METHODS,
                    help="magnitude (|W|, no data); wanda (|W|·||X_j||, statistics block by block from the "
                         "already-pruned earlier blocks, as published); sparsegpt (OBS with error "
@@ -244,8 +248,12 @@ def main(argv=None):
     model = load_model(args.model)
     if sparse_layers(model):
         raise UserError(f"{args.model} is already sparse: prune.py starts from a dense model")
+    if tokens is not None:
+        check_tokenizer(meta, model, args.calibration)
+    if wikitext is not None:
+        check_wikitext(args.wikitext_dir, wikitext, model)
     block_size = min(args.block_size, model.config.block_size)
-    val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size) if args.data_dir else None
+    val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model) if args.data_dir else None
     model.to(args.device)
     if tokens is not None:
         tokens = tokens[:, :block_size].to(args.device)  # windows longer than the context are cropped

@@ -14,6 +14,51 @@ from cli import UserError
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keeps the eval windows independent of every training step
 CALIBRATION_KEYS = ("tokens", "seed", "seqlen", "nsamples", "sources", "tokenizer")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def read_meta(folder):
+    """meta.json of a prepared data folder (None when there is none: files from before meta.json are uint16)."""
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): rerun the prepare script with --force") from None
+    if meta.get("dtype", "uint16") not in TOKEN_DTYPES:
+        raise UserError(f"{path}: unknown token dtype {meta.get('dtype')!r} (expected uint16 or uint32)")
+    return meta
+
+
+def token_dtype(meta):
+    return TOKEN_DTYPES[(meta or {}).get("dtype", "uint16")]
+
+
+def check_tokenizer(meta, model, where):
+    """Stop when the token files in `where` were made with another tokenizer than the model's: training or
+    evaluating on ids of another vocabulary would silently be garbage."""
+    from data.tokenizer import gpt2_fingerprint
+
+    if not meta:
+        return
+    tok = meta.get("tokenizer") or {}
+    if isinstance(tok, str):  # calibration files from before fingerprints: "tiktoken gpt2, encode_ordinary"
+        tok = {"name": "tiktoken gpt2" if tok.startswith("tiktoken gpt2") else tok}
+    vocab = tok.get("vocab_size") or meta.get("vocab_size")
+    name = tok.get("name", "?")
+    if vocab and vocab > model.config.vocab_size:
+        raise UserError(f"{where} holds tokens of {name} ({vocab:,} ids) but the model has a vocabulary of "
+                        f"{model.config.vocab_size:,}: prepare the data with the model's tokenizer "
+                        f"(--tokenizer MODEL_DIR)")
+    data_fp = tok.get("fingerprint") or (gpt2_fingerprint() if name == "tiktoken gpt2" else None)
+    model_tok = getattr(model, "tokenizer_info", None) or {}
+    model_fp = model_tok.get("fingerprint")
+    if data_fp and model_fp and data_fp != model_fp:
+        which = model_tok.get("dir") or "GPT-2's BPE"
+        raise UserError(f"{where} was tokenised with {name}, not with the model's tokenizer ({which}): prepare it "
+                        f"with `--tokenizer {model_tok.get('dir') or 'MODEL_DIR'}` (or pick the matching model)")
 
 
 def _rng(seed, stream, index):
@@ -21,14 +66,19 @@ def _rng(seed, stream, index):
     return np.random.default_rng([seed, stream, index])
 
 
-def _open_tokens(path):
+def _open_tokens(path, dtype=np.uint16):
     # A fresh memmap per batch: nanoGPT found that keeping one open makes the process's memory grow.
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
-def get_batch(path, offsets, block_size, device="cpu"):
-    """(x, y) int64 tensors of shape (len(offsets), block_size); y is x shifted by one token."""
-    windows = _open_tokens(path)[np.asarray(offsets)[:, None] + np.arange(block_size + 1)]
+def get_batch(path, offsets, block_size, device="cpu", dtype=np.uint16, vocab_size=None):
+    """(x, y) int64 tensors of shape (len(offsets), block_size); y is x shifted by one token.
+
+    vocab_size: ids at or above it stop with one line (a token file made for a larger vocabulary)."""
+    windows = _open_tokens(path, dtype)[np.asarray(offsets)[:, None] + np.arange(block_size + 1)]
+    if vocab_size is not None and windows.size and int(windows.max()) >= vocab_size:
+        raise UserError(f"{path} holds token id {int(windows.max()):,}, outside the model's vocabulary of "
+                        f"{vocab_size:,}: prepare the data with the model's tokenizer (--tokenizer MODEL_DIR)")
     windows = torch.from_numpy(windows.astype(np.int64))
     x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     if torch.device(device).type == "cuda":
@@ -38,16 +88,21 @@ def get_batch(path, offsets, block_size, device="cpu"):
 
 
 class BinDataset:
-    """A prepared uint16 token file (train.bin, val.bin, test.bin), checked to hold at least one window."""
+    """A prepared token file (train.bin, val.bin), uint16 or uint32 as its folder's meta.json says, checked to
+    hold at least one window. check_model(model) ties it to a model: same tokenizer, ids within its vocabulary."""
 
     def __init__(self, path, block_size):
         if not os.path.isfile(path):
             raise UserError(f"{path} not found: run `python data/c4_dataset/prepare.py --input C4_FILES "
                             f"--out_dir {os.path.dirname(path) or '.'}` first")
-        size = os.path.getsize(path)
-        if size % 2:
-            raise UserError(f"{path} has an odd number of bytes: not a uint16 token file made by prepare.py")
-        self.path, self.block_size, self.num_tokens = path, block_size, size // 2
+        self.meta = read_meta(os.path.dirname(path) or ".")
+        self.dtype = token_dtype(self.meta)
+        size, width = os.path.getsize(path), np.dtype(self.dtype).itemsize
+        if size % width:
+            raise UserError(f"{path} is not a whole number of {np.dtype(self.dtype).name} tokens: not a token "
+                            "file made by prepare.py (or its meta.json belongs to other files)")
+        self.path, self.block_size, self.num_tokens = path, block_size, size // width
+        self.vocab_size = None
         if self.num_tokens < block_size + 1:
             raise UserError(f"{path} holds {self.num_tokens:,} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}: prepare more data or lower block_size")
@@ -55,8 +110,13 @@ class BinDataset:
     def __len__(self):
         return self.num_tokens
 
+    def check_model(self, model):
+        check_tokenizer(self.meta, model, self.path)
+        self.vocab_size = model.config.vocab_size
+        return self
+
     def get_batch(self, offsets, device="cpu"):
-        return get_batch(self.path, offsets, self.block_size, device)
+        return get_batch(self.path, offsets, self.block_size, device, self.dtype, self.vocab_size)
 
 
 class GlobalBatchSampler:
@@ -116,16 +176,25 @@ def load_wikitext_tokens(wikitext_dir, split="test"):
     path = os.path.join(wikitext_dir, f"{split}.bin")
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: run `python data/wikitext/prepare.py --out_dir {wikitext_dir}` first")
-    tokens = np.fromfile(path, dtype=np.uint16)
-    meta_path = os.path.join(wikitext_dir, "meta.json")
-    if os.path.isfile(meta_path):
+    meta = read_meta(wikitext_dir)
+    tokens = np.fromfile(path, dtype=token_dtype(meta))
+    if meta is not None:
         # a stale or half-written file would silently change the perplexity
-        with open(meta_path, encoding="utf-8") as f:
-            expected = json.load(f).get("splits", {}).get(split, {}).get("tokens")
+        expected = meta.get("splits", {}).get(split, {}).get("tokens")
         if expected is not None and expected != len(tokens):
             raise UserError(f"{path} holds {len(tokens):,} tokens but meta.json says {expected:,}: "
                             "rerun data/wikitext/prepare.py with --force")
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def check_wikitext(wikitext_dir, tokens, model):
+    """load_wikitext_tokens' tokens are the model's: same tokenizer, every id within its vocabulary."""
+    where = os.path.join(wikitext_dir, "test.bin")
+    check_tokenizer(read_meta(wikitext_dir), model, where)
+    if len(tokens) and int(tokens.max()) >= model.config.vocab_size:
+        raise UserError(f"{where} holds token id {int(tokens.max()):,}, outside the model's vocabulary of "
+                        f"{model.config.vocab_size:,}: prepare it with the model's tokenizer "
+                        "(data/wikitext/prepare.py --tokenizer MODEL_DIR)")
 
 
 def load_calibration(path):

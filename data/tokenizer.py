@@ -132,3 +132,97 @@ def get_gpt2_encoding(tokenizer_dir=None) -> tiktoken.Encoding:
 def tokenizer_source(tokenizer_dir=None) -> str:
     """Where get_gpt2_encoding(tokenizer_dir) found its files, for meta.json."""
     return _load(tokenizer_dir or None, os.environ.get("TIKTOKEN_CACHE_DIR") or None, default_data_root())[1]
+
+
+# ---------------------------------------------------------------------------------------------- any model's tokenizer
+# A tokenizer's identity, as far as token files are concerned: its vocabulary size and the ids it gives a fixed
+# text. Two tokenizers with the same fingerprint make the same token files (GPT-2's Hugging Face files and
+# tiktoken's gpt2 do; OPT's tokenizer, the same BPE with other ids, does not).
+PROBE = ("The quick brown fox jumps over the lazy dog. It's 1,234.5 km away -- isn't it?\n\n"
+         "  Indented: naïve café, Ünïcödé, 東京, emoji 🙂, tabs\tand (brackets) [x] {y} <z> & 'quotes' \"here\".")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model")
+
+
+def fingerprint(probe_ids, vocab_size) -> str:
+    return hashlib.sha256(json.dumps([int(vocab_size), [int(i) for i in probe_ids]]).encode()).hexdigest()[:16]
+
+
+def has_hf_tokenizer(folder) -> bool:
+    """Does the folder hold files AutoTokenizer can load (tokenizer.json, tokenizer.model or vocab + merges)?"""
+    if not folder or not os.path.isdir(folder):
+        return False
+    exists = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    return exists("tokenizer.json") or exists("tokenizer.model") or (exists("vocab.json") and exists("merges.txt"))
+
+
+class Tokenizer:
+    """What the prepare scripts need of a tokenizer: tiktoken's gpt2 (the default) or a model folder's own.
+
+    encode_document: a C4 document's ids, no special tokens (the prepare script appends eos after each);
+    encode_stream: a whole text as Wanda/SparseGPT tokenise WikiText-2 (the tokenizer's own special tokens,
+    i.e. one BOS at the very start for OPT and LLaMA, none for GPT-2).
+    """
+
+    def __init__(self, name, vocab_size, eos_id, encode_document, encode_stream, source):
+        self.name, self.vocab_size, self.eos_id, self.source = name, vocab_size, eos_id, source
+        self.encode_document, self.encode_stream = encode_document, encode_stream
+        self.dtype = "uint16" if vocab_size <= 2 ** 16 else "uint32"
+        self.fingerprint = fingerprint(encode_document(PROBE), vocab_size)
+
+    def meta(self, method):
+        return {"name": self.name, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
+                "method": method, "loaded_from": self.source}
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_tokenizer(folder):
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum"
+    try:
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer_config.json", "tokenizer.json")):
+            # bare GPT-2 BPE files (vocab.json + merges.txt, e.g. the shared gpt2_tokenizer/hf): nothing tells
+            # AutoTokenizer the class, and these two files only ever mean GPT-2's byte-level BPE
+            return transformers.GPT2TokenizerFast.from_pretrained(folder, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # a broken or foreign tokenizer file: all the same to the user
+        raise UserError(f"--tokenizer {folder}: transformers cannot load its tokenizer "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(tokenizer=None, tokenizer_dir=None) -> Tokenizer:
+    """tokenizer: a model folder whose own tokenizer to use (transformers' AutoTokenizer, offline); None:
+    tiktoken's gpt2 (its BPE files found as get_gpt2_encoding(tokenizer_dir) finds them)."""
+    if not tokenizer:
+        enc = get_gpt2_encoding(tokenizer_dir)
+        return Tokenizer("tiktoken gpt2", VOCAB_SIZE, EOT, enc.encode_ordinary, enc.encode_ordinary,
+                         tokenizer_source(tokenizer_dir))
+    if not os.path.isdir(tokenizer):
+        raise UserError(f"--tokenizer {tokenizer} is not a folder: pass a model folder that holds its tokenizer")
+    if not has_hf_tokenizer(tokenizer):
+        raise UserError(f"--tokenizer {tokenizer} holds no tokenizer (tokenizer.json, tokenizer.model or "
+                        "vocab.json + merges.txt): copy the model's tokenizer files there")
+    tok = _hf_tokenizer(tokenizer)
+    if tok.eos_token_id is None:
+        raise UserError(f"--tokenizer {tokenizer}: the tokenizer has no end-of-text (eos) token to separate documents")
+    name = os.path.basename(os.path.normpath(tokenizer)) + f" ({type(tok).__name__})"
+    return Tokenizer(name, len(tok), tok.eos_token_id,
+                     lambda text: tok(text, add_special_tokens=False)["input_ids"],
+                     lambda text: tok(text)["input_ids"], os.path.abspath(tokenizer))
+
+
+@functools.lru_cache(maxsize=None)
+def folder_fingerprint(folder):
+    """The fingerprint of the tokenizer in a model folder, or None when it holds none."""
+    return get_tokenizer(folder).fingerprint if has_hf_tokenizer(folder) else None
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_fingerprint():
+    """tiktoken gpt2's fingerprint (None when its files cannot be found offline)."""
+    try:
+        return get_tokenizer().fingerprint
+    except UserError:
+        return None

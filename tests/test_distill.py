@@ -5,13 +5,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
 
 from cli import REPO_ROOT, UserError
 from conftest import save_tiny_gpt2
 from model import resolve_model_path
-from distill import (Distiller, Teacher, chunked_ce_and_kl, kl_div_loss, load_teacher, weighted_ce_and_kl,
-                     squarehead_loss)
+from distill import Distiller, Teacher, load_teacher, squarehead_loss
 from model import GPT, GPTConfig
 
 VOCAB = 101
@@ -48,24 +46,11 @@ def perturbed(model, seed=3, scale=0.05):
 
 
 # ---------------------------------------------------------------------------------------------- pure loss terms
-def test_kl_div_loss_matches_torch_kl_div_and_the_explicit_formula():
-    torch.manual_seed(0)
-    s, t, tau = 3 * torch.randn(2, 5, 37), 3 * torch.randn(2, 5, 37), 2.0
-    got = kl_div_loss(s, t, tau)
-    by_torch = F.kl_div(F.log_softmax(s / tau, -1).view(-1, 37), F.softmax(t / tau, -1).view(-1, 37),
-                        reduction="batchmean") * tau ** 2
-    p_t = F.softmax(t / tau, -1)
-    explicit = (p_t * (p_t.log() - F.log_softmax(s / tau, -1))).sum(-1).mean() * tau ** 2
-    assert abs(got.item() - by_torch.item()) <= 1e-6
-    assert abs(got.item() - explicit.item()) <= 1e-6
-
-
-def test_kl_is_forward_kl_teacher_to_student_not_reverse():
-    s, t = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.5]])
-    forward = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
-    reverse = F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1), log_target=True, reduction="sum")
-    assert abs(forward - reverse) > 0.1  # the test can tell the two apart
-    assert kl_div_loss(s, t, temperature=1.0).item() == pytest.approx(forward.item(), abs=1e-6)
+# (CE and KL: tests/test_loss.py)
+def kl_reference(student_logits, teacher_logits, tau):
+    """Forward KL(teacher ‖ student) of the softened logits, mean over tokens, times τ², by its formula."""
+    p_t = F.softmax(teacher_logits / tau, -1)
+    return (p_t * (p_t.log() - F.log_softmax(student_logits / tau, -1))).sum(-1).mean() * tau ** 2
 
 
 def test_squarehead_loss_matches_normalised_mse_summed_over_blocks():
@@ -75,79 +60,6 @@ def test_squarehead_loss_matches_normalised_mse_summed_over_blocks():
     expected = sum(F.mse_loss(a, b) / (F.mse_loss(b, torch.zeros_like(b)) + 1e-6) for a, b in zip(hs, ht))
     assert abs(squarehead_loss(hs, ht).item() - expected.item()) <= 1e-6
     assert squarehead_loss(ht, ht).item() == 0.0
-
-
-def test_chunked_ce_and_kl_match_independent_computation_with_ignored_targets():
-    torch.manual_seed(0)
-    N, C, Ct, V, tau = 23, 8, 12, 37, 2.0
-    x, head = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
-    tx, thead = torch.randn(N, Ct), torch.randn(V, Ct)
-    y = torch.randint(V, (N,))
-    y[[0, 5, 6]] = -1
-    ce, kl = chunked_ce_and_kl(x, head, y, tx, thead, temperature=tau, chunk_size=4)
-    keep = y != -1
-    logits = x @ head.T
-    expected_ce = F.cross_entropy(logits, y, ignore_index=-1)
-    expected_kl = F.kl_div(F.log_softmax(logits[keep] / tau, -1), F.softmax((tx @ thead.T)[keep] / tau, -1),
-                           reduction="batchmean") * tau ** 2
-    assert abs(ce.item() - expected_ce.item()) <= 1e-6
-    assert abs(kl.item() - expected_kl.item()) <= 1e-6
-
-
-def test_chunked_ce_without_teacher_never_computes_kl():
-    x, head, y = torch.randn(9, 4), torch.randn(11, 4), torch.randint(11, (9,))
-    ce, kl = chunked_ce_and_kl(x, head, y, chunk_size=2)
-    assert kl is None
-    assert abs(ce.item() - F.cross_entropy(x @ head.T, y).item()) <= 1e-6
-
-
-@settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), chunk=st.integers(1, 45), seed=st.integers(0, 2 ** 16))
-def test_chunking_changes_neither_values_nor_gradients(n, chunk, seed):
-    g = torch.Generator().manual_seed(seed)
-    x, head = torch.randn(n, 6, generator=g), torch.randn(29, 6, generator=g)
-    tx, thead = torch.randn(n, 5, generator=g), torch.randn(29, 5, generator=g)
-    y = torch.randint(-1, 29, (n,), generator=g)  # -1 marks ignored positions
-
-    def run(chunk_size):
-        xx, hh = x.clone().requires_grad_(), head.clone().requires_grad_()
-        ce, kl = chunked_ce_and_kl(xx, hh, y, tx, thead, temperature=2.0, chunk_size=chunk_size)
-        (0.3 * ce + 0.7 * kl).backward()
-        return ce, kl, xx.grad, hh.grad
-
-    for a, b in zip(run(chunk), run(None)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-@settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), chunk=st.integers(1, 45), seed=st.integers(0, 2 ** 16),
-       w_ce=st.sampled_from([0.0, 0.33, 1.0]), w_kl=st.sampled_from([0.0, 0.67, 2.0]), teacher=st.booleans())
-def test_weighted_loss_has_the_gradient_of_the_weighted_sum_of_the_reference_terms(n, chunk, seed, w_ce, w_kl,
-                                                                                    teacher):
-    g = torch.Generator().manual_seed(seed)
-    x, head = torch.randn(n, 6, generator=g), torch.randn(29, 6, generator=g)
-    tx, thead = (torch.randn(n, 5, generator=g), torch.randn(29, 5, generator=g)) if teacher else (None, None)
-    y = torch.randint(-1, 29, (n,), generator=g)
-
-    xx, hh = x.clone().requires_grad_(), head.clone().requires_grad_()
-    loss, ce, kl = weighted_ce_and_kl(xx, hh, y, tx, thead, 1.5, chunk, w_ce, w_kl)
-    loss.backward()
-    assert not ce.requires_grad and (kl is None) == (not teacher)
-
-    rx, rh = x.clone().requires_grad_(), head.clone().requires_grad_()
-    logits = rx @ rh.T  # the reference: plain autograd through F.cross_entropy and kl_div_loss
-    ref_ce = F.cross_entropy(logits, y, ignore_index=-1) if (y != -1).any() else logits.sum() * 0
-    ref = w_ce * ref_ce
-    if teacher:
-        keep = y != -1
-        ref_kl = kl_div_loss(logits[keep], (tx @ thead.T)[keep], temperature=1.5) if keep.any() else ref_ce * 0
-        ref = ref + w_kl * ref_kl
-        torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-5, atol=1e-6)
-    ref.backward()
-    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(xx.grad, rx.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hh.grad, rh.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- the Distiller
@@ -161,7 +73,7 @@ def test_distiller_loss_is_the_weighted_sum_of_independently_computed_terms(stud
 
     logits, ce, hidden = student(x, y, return_hidden=True)  # the model's own CE path
     t_feats, t_hidden = teacher(x, features_only=True, return_hidden=True)
-    kl = kl_div_loss(logits, teacher.lm_head(t_feats), temperature=1.5)
+    kl = kl_reference(logits, teacher.lm_head(t_feats), 1.5)
     sq = squarehead_loss(hidden, t_hidden)
     assert abs(parts["ce"].item() - ce.item()) <= 1e-6
     assert abs(parts["kl"].item() - kl.item()) <= 1e-6
@@ -170,22 +82,30 @@ def test_distiller_loss_is_the_weighted_sum_of_independently_computed_terms(stud
     assert all(not p.requires_grad for p in parts.values())
 
 
-def test_distiller_chunked_and_unchunked_give_same_student_gradients(student_dir):
+def test_distiller_gradients_equal_plain_autograd_of_the_same_objective(student_dir):
     x, y = batch()
     y[0, :3] = -1
     teacher = perturbed(load_teacher(student_dir))
     results = []
-    for chunk_size in (7, None):
+    for chunk_size in (7, 0):
         student = GPT.from_pretrained(student_dir)
         d = Distiller(teacher, student.config, hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=0.5,
                       chunk_size=chunk_size)
         loss, _ = d(student, x, y)
         loss.backward()
         results.append((loss, {n: p.grad for n, p in student.named_parameters()}))
-    (loss_c, grads_c), (loss_u, grads_u) = results
-    torch.testing.assert_close(loss_c, loss_u, rtol=1e-6, atol=1e-6)
-    for name in grads_u:
-        torch.testing.assert_close(grads_c[name], grads_u[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the reference: full logits through F.cross_entropy and the KL formula, plain autograd
+    student = GPT.from_pretrained(student_dir)
+    logits, ce, hidden = student(x, y, return_hidden=True)
+    t_feats, t_hidden = teacher(x, features_only=True, return_hidden=True)
+    keep = y.reshape(-1) != -1
+    kl = kl_reference(logits.reshape(-1, VOCAB)[keep], teacher.lm_head(t_feats).reshape(-1, VOCAB)[keep], 2.0)
+    ref = 0.33 * ce + 0.67 * kl + 0.5 * squarehead_loss(hidden, t_hidden)
+    ref.backward()
+    for loss, grads in results:
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+        for name, p in student.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_teacher_identical_to_student_gives_zero_kl_and_squarehead(student_dir):
@@ -265,7 +185,7 @@ def test_bf16_teacher_and_bf16_autocast_stay_close_to_fp32(student_dir):
     x, y = batch()
     teacher32 = perturbed(load_teacher(student_dir))
     teacher16 = copy.deepcopy(teacher32).to(torch.bfloat16)
-    assert teacher16.transformer.wte.weight.dtype == torch.bfloat16 and not teacher16.training
+    assert teacher16.model.transformer.wte.weight.dtype == torch.bfloat16 and not teacher16.training
     ref, _ = Distiller(teacher32, student.config)(student, x, y)
     low, _ = Distiller(teacher16, student.config)(student, x, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,4 +1,5 @@
-"""export.py: checkpoints to Hugging Face GPT2LMHeadModel folders; N:M and logits survive the round trip."""
+"""export.py (GPT-2 here; OPT and LLaMA in test_families.py): checkpoints to Hugging Face folders; N:M and logits
+survive the round trip."""
 import json
 import os
 import shutil
@@ -119,7 +120,7 @@ def test_slorb_export_keeps_the_branch_separate_and_reloads_with_identical_logit
     hf = GPT2LMHeadModel.from_pretrained(out).eval()
     assert hf_violations(hf) == 0  # the 2:4 part is exactly 2:4 ...
     assert rel(logits(hf, IDX), logits(ours, IDX)) > 1e-3  # ... and alone it is not the model
-    for again in (export.load_hf_with_slorb(out), load_model(out)):  # evaluate.py goes through load_model
+    for again in (load_model(out),):  # the one loader (evaluate.py, main.py, prune.py)
         again.eval()
         assert torch.equal(logits(again, IDX), logits(ours, IDX))
         assert check_nm(again)[0]

@@ -1,4 +1,4 @@
-"""Tokenise C4 JSON-lines files into train.bin / val.bin: raw uint16 GPT-2 tokens, EOT after every document.
+"""Tokenise C4 JSON-lines files into train.bin / val.bin: raw token ids, end-of-text after every document.
 
     python data/c4_dataset/prepare.py \
         --input ../shared/data/c4/en/c4-train.00000-of-01024.head1000.json.gz \
@@ -7,8 +7,12 @@
 Reads allenai/c4 `*.json.gz`, plain `*.jsonl` (optionally gzipped) and RedPajama's C4 `.jsonl` (the extra
 `meta` field is ignored): one JSON object with a "text" field per line. The validation split is either
 whole files (--val_files) or a seeded document-level split (--val_fraction). The output does not depend on
---num_proc. Also writes meta.json (counts, sources with sha256, tokenizer, date). With --download N it first
-fetches the first N allenai/c4 `en` train shards and one validation shard (needs network).
+--num_proc. The tokenizer is tiktoken's GPT-2 `encode_ordinary` with EOT (50256), or with --tokenizer MODEL_DIR
+that model's own (transformers' AutoTokenizer, offline; no special tokens inside a document, its eos token
+after each). Ids are uint16 when the vocabulary fits (<= 65,536), else uint32. meta.json records the dtype,
+the tokenizer (name, vocabulary size, fingerprint), counts, sources with sha256 and the date; the loader reads
+the dtype from it and refuses a model of another tokenizer. With --download N it first fetches the first N
+allenai/c4 `en` train shards and one validation shard (needs network).
 """
 import glob
 import gzip
@@ -31,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
 from cli import UserError  # noqa: E402
-from data.tokenizer import EOT, TOKENIZER_DIR_HELP, VOCAB_SIZE, get_gpt2_encoding, tokenizer_source  # noqa: E402
+from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json")
@@ -141,20 +145,20 @@ def goes_to_val(seed, path, lineno, fraction):
 
 
 def tokenize_chunk(task):
-    """Worker: (path, [(lineno, line)], split rule) -> (uint16 tokens, tokens per doc, is-val per doc)."""
-    path, lines, assign, seed, fraction, tokenizer_dir = task
-    enc = get_gpt2_encoding(tokenizer_dir)
-    docs = [enc.encode_ordinary(parse_text(path, lineno, line)) + [EOT] for lineno, line in lines]
+    """Worker: (path, [(lineno, line)], split rule) -> (tokens, tokens per doc, is-val per doc)."""
+    path, lines, assign, seed, fraction, tokenizer = task
+    tok = get_tokenizer(*tokenizer)
+    docs = [tok.encode_document(parse_text(path, lineno, line)) + [tok.eos_id] for lineno, line in lines]
     if assign == "split":
         is_val = np.array([goes_to_val(seed, path, lineno, fraction) for lineno, _ in lines], dtype=bool)
     else:
         is_val = np.full(len(lines), assign == "val", dtype=bool)
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
-    tokens = np.fromiter((t for d in docs for t in d), dtype=np.uint16, count=int(lengths.sum()))
+    tokens = np.fromiter((t for d in docs for t in d), dtype=tok.dtype, count=int(lengths.sum()))
     return tokens, lengths, is_val
 
 
-def chunks(files, assign, seed, fraction, tokenizer_dir):
+def chunks(files, assign, seed, fraction, tokenizer):
     """Worker tasks of CHUNK_DOCS raw lines each, file by file, in order."""
     for path in files:
         lines, n = [], 0
@@ -162,10 +166,10 @@ def chunks(files, assign, seed, fraction, tokenizer_dir):
             lines.append(item)
             n += 1
             if len(lines) == CHUNK_DOCS:
-                yield path, lines, assign, seed, fraction, tokenizer_dir
+                yield path, lines, assign, seed, fraction, tokenizer
                 lines = []
         if lines:
-            yield path, lines, assign, seed, fraction, tokenizer_dir
+            yield path, lines, assign, seed, fraction, tokenizer
         if n == 0:
             raise UserError(f"{path}: empty file (no documents)")
 
@@ -189,7 +193,7 @@ def tokenize_group(files, assign, outs, stats, args, progress):
     """Stream one input group into the open split files, honouring --max_docs / --max_tokens for the group."""
     docs_left = args.max_docs if args.max_docs is not None else float("inf")
     tokens_left = args.max_tokens if args.max_tokens is not None else float("inf")
-    tasks = chunks(files, assign, args.seed, args.val_fraction, args.tokenizer_dir)
+    tasks = chunks(files, assign, args.seed, args.val_fraction, (args.tokenizer, args.tokenizer_dir))
     for tokens, lengths, is_val in ordered_map(tokenize_chunk, tasks, args.num_proc):
         # keep whole documents: stop after the document that reaches the token limit
         ends = np.cumsum(lengths)
@@ -252,7 +256,9 @@ def parse_args(argv=None):
     p.add_argument("--max_docs", type=int, default=None, help="read at most this many documents per input group")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="stop an input group after the document that reaches this many tokens")
-    p.add_argument("--tokenizer_dir", default=None, help=TOKENIZER_DIR_HELP)
+    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
+                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--download", type=int, default=None, metavar="N",
                    help="first fetch N allenai/c4 en train shards + 1 validation shard into OUT_DIR/raw (network)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -292,7 +298,7 @@ def main(argv=None):
     both = [f for f in train_files if os.path.realpath(f) in {os.path.realpath(v) for v in val_files}]
     if both:
         raise UserError(f"{both[0]} is in both --input and --val_files")
-    get_gpt2_encoding(args.tokenizer_dir)  # fail on a missing tokenizer before any work
+    tok = get_tokenizer(args.tokenizer, args.tokenizer_dir)  # fail on a missing tokenizer before any work
 
     groups = [(train_files, "split" if args.val_fraction is not None else "train")]
     if val_files:
@@ -328,12 +334,11 @@ def main(argv=None):
 
     meta = {
         "dataset": "c4",
-        "format": "raw uint16 little-endian GPT-2 token ids, EOT after every document",
-        "dtype": "uint16",
-        "vocab_size": VOCAB_SIZE,
-        "eot_token": EOT,
-        "tokenizer": {"name": "tiktoken gpt2", "method": "encode_ordinary",
-                      "loaded_from": tokenizer_source(args.tokenizer_dir)},
+        "format": f"raw {tok.dtype} little-endian token ids, end-of-text ({tok.eos_id}) after every document",
+        "dtype": tok.dtype,
+        "vocab_size": tok.vocab_size,
+        "eot_token": tok.eos_id,
+        "tokenizer": tok.meta("encode_ordinary" if args.tokenizer is None else "no special tokens, eos after each"),
         "splits": {s: {"file": os.path.basename(paths[s]), **stats[s]} for s in paths},
         "val_split": ({"fraction": args.val_fraction, "seed": args.seed} if args.val_fraction is not None
                       else "whole files (--val_files)"),

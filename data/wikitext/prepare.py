@@ -3,7 +3,10 @@
     python data/wikitext/prepare.py --input ../shared/data/wikitext2
 
 The paper's protocol: the split's Hugging Face rows joined with "\\n\\n", tokenised with GPT-2
-`encode_ordinary` (no EOT); the test split gives 287,644 tokens. Reads `wiki.test.raw` / `wiki.valid.raw`,
+`encode_ordinary` (no EOT); the test split gives 287,644 tokens. With --tokenizer MODEL_DIR, Wanda's and
+SparseGPT's protocol for other models: that model's tokenizer on the same joined text, with the special tokens
+the tokenizer itself adds (OPT and LLaMA: one BOS at the very start of the stream, so only the first window
+begins with it); uint32 ids when the vocabulary exceeds 65,536. Reads `wiki.test.raw` / `wiki.valid.raw`,
 `test.jsonl` / `validation.jsonl` (one {"text": ...} row per line) or Hugging Face parquet files (needs
 pyarrow or pandas). With --download it fetches the wikitext-2-raw-v1 parquet files first (needs network).
 """
@@ -23,7 +26,7 @@ import cli  # noqa: E402
 from cli import UserError  # noqa: E402
 from data.c4_dataset.prepare import (download, now_utc, refuse_existing, sha256_file, temp_name,  # noqa: E402
                                      write_json_atomic)
-from data.tokenizer import TOKENIZER_DIR_HELP, VOCAB_SIZE, get_gpt2_encoding, tokenizer_source  # noqa: E402
+from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Per output split, the file names to look for in an --input folder, in order of preference.
@@ -120,7 +123,9 @@ def parse_args(argv=None):
     p.add_argument("--input", action="extend", nargs="+", default=None,
                    help="WikiText-2 folder or split files (default: the shared data folder's wikitext2)")
     p.add_argument("--out_dir", default=HERE, help="where test.bin, val.bin and meta.json go")
-    p.add_argument("--tokenizer_dir", default=None, help=TOKENIZER_DIR_HELP)
+    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
+                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--download", action="store_true",
                    help="fetch the wikitext-2-raw-v1 parquet files into OUT_DIR/raw first (network, pyarrow)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -145,14 +150,14 @@ def main(argv=None):
     else:
         inputs = args.input or [os.path.join(cli.default_data_root(), "wikitext2")]
     sources = find_split_files(inputs)
-    enc = get_gpt2_encoding(args.tokenizer_dir)
+    tok = get_tokenizer(args.tokenizer, args.tokenizer_dir)
 
     splits = {}
     for split, files in sources.items():
         rows = [row for path in files for row in read_rows(path)]
         if not any(rows):
             raise UserError(f"{', '.join(files)}: no text (empty file?)")
-        tokens = np.array(enc.encode_ordinary("\n\n".join(rows)), dtype=np.uint16)
+        tokens = np.array(tok.encode_stream("\n\n".join(rows)), dtype=tok.dtype)
         splits[split] = {"tokens": tokens, "rows": len(rows), "files": files}
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -174,11 +179,11 @@ def main(argv=None):
 
     write_json_atomic(meta_path, {
         "dataset": "wikitext-2-raw-v1",
-        "format": "raw uint16 little-endian GPT-2 token ids of the split's rows joined with \"\\n\\n\" (no EOT)",
-        "dtype": "uint16",
-        "vocab_size": VOCAB_SIZE,
-        "tokenizer": {"name": "tiktoken gpt2", "method": "encode_ordinary",
-                      "loaded_from": tokenizer_source(args.tokenizer_dir)},
+        "format": f"raw {tok.dtype} little-endian token ids of the split's rows joined with \"\\n\\n\"",
+        "dtype": tok.dtype,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": tok.meta("encode_ordinary (no EOT)" if args.tokenizer is None
+                              else "the tokenizer's own special tokens (BOS at the start, if it adds one)"),
         "splits": {s: {"file": os.path.basename(paths[s]), "tokens": len(info["tokens"]), "rows": info["rows"],
                        "sources": [{"file": f, "sha256": sha256_file(f)} for f in info["files"]]}
                    for s, info in splits.items()},

@@ -1,0 +1,240 @@
+"""Model families: what the rest of the project needs to know about GPT-2, OPT and the LLaMA layout.
+
+Supported `model_type`s: gpt2, opt, llama, mistral, qwen2 (LLaMA, Mistral and Qwen2 share one layout). GPT-2
+runs as model.GPT (nanoGPT, logits-exact with transformers). The other families run as the transformers
+*ForCausalLM model itself, held by HFCausalLM, a thin module with GPT's interface, so that main.py, distill.py,
+evaluate.py and export.py never ask which family a model is:
+
+    model.family                    "gpt2", "opt", "llama", ...
+    model.config                    block_size (context), vocab_size, n_layer, n_embd (width of the features)
+    model.blocks                    the transformer blocks, in order
+    model.lm_head                   the head (weight, bias)
+    model.features(idx, hidden)     final features (after the last norm, OPT-350m's project_out too),
+                                    and with hidden=True each block's output
+    model(idx, targets, ...)        GPT.forward: logits and the fused CE (loss.py)
+    model.gradient_checkpointing    settable
+
+Per family here: the linears sparsify() swaps (embeddings, norms, the head and OPT's project_in/out stay
+dense, as in AST, Wanda and SparseGPT), and loading/saving local Hugging Face folders (offline only).
+"""
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from cli import UserError
+from model import GPT, GPTConfig, resolve_model_path
+
+SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2")
+_LLAMA_LINEARS = r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+# The block linears each family makes sparse, as a regex of module names (GPT-2 after the Conv1D transpose).
+SPARSE_LINEARS = {
+    "gpt2": r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$",
+    "opt": r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$",
+    "llama": _LLAMA_LINEARS, "mistral": _LLAMA_LINEARS, "qwen2": _LLAMA_LINEARS,
+}
+# Where the base model (its output: the final features) and its list of blocks sit in the transformers model.
+_BASE = {"opt": "model.decoder", "llama": "model", "mistral": "model", "qwen2": "model"}
+# Dropout is off for retraining, as for GPT-2 (and in the published recipe); these are the config keys.
+_DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "resid_pdrop", "embd_pdrop",
+                 "attn_pdrop", "hidden_dropout")
+
+
+def sparse_filter(model):
+    """sparsify()'s filter_fn for this model's family: the block linears, nothing else."""
+    pattern = re.compile(SPARSE_LINEARS[model.family])
+    return lambda name, module: isinstance(module, nn.Linear) and bool(pattern.search(name))
+
+
+@dataclass
+class Shape:
+    """What the project reads of a transformers model's config (GPTConfig has the same fields)."""
+    block_size: int
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+
+
+class HFCausalLM(nn.Module):
+    """A transformers *ForCausalLM (OPT, LLaMA, Mistral, Qwen2) behind GPT's interface (see the docstring above).
+
+    The transformers model runs as it is, as `self.hf`; sparsify() swaps its block linears in place.
+    """
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+        self.family = hf.config.model_type
+        self._checkpointing = False
+        self.config = Shape(block_size=hf.config.max_position_embeddings, vocab_size=hf.config.vocab_size,
+                            n_layer=hf.config.num_hidden_layers, n_embd=hf.get_output_embeddings().in_features)
+
+    @property
+    def lm_head(self):
+        return self.hf.get_output_embeddings()
+
+    @property
+    def base(self):
+        return self.hf.get_submodule(_BASE[self.family])
+
+    @property
+    def blocks(self):
+        return self.base.layers
+
+    @property
+    def gradient_checkpointing(self):
+        return self._checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on):
+        # transformers >= 5 renamed the switch; both recompute each block in the backward (non-reentrant)
+        enable = getattr(self.hf, "activation_checkpointing_enable", None) or self.hf.gradient_checkpointing_enable
+        disable = getattr(self.hf, "activation_checkpointing_disable", None) or self.hf.gradient_checkpointing_disable
+        if on:
+            enable({"use_reentrant": False})
+        elif self._checkpointing:
+            disable()
+        self._checkpointing = bool(on)
+
+    def features(self, idx, return_hidden=False):
+        """Final features (B, T, n_embd); with return_hidden, also each block's output (for SquareHead)."""
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's context {self.config.block_size}")
+        hidden, handles = [], []
+        if return_hidden:
+            def keep(module, args, out):
+                hidden.append(out[0] if isinstance(out, tuple) else out)
+            handles = [block.register_forward_hook(keep) for block in self.blocks]
+        try:
+            x = self.base(input_ids=idx, use_cache=False).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        return (x, hidden) if return_hidden else x
+
+    forward = GPT.forward  # the same logits / fused-loss interface as GPT-2
+
+
+def hf_name(model, name: str) -> str:
+    """A module name of ours as transformers names it in a saved folder (HFCausalLM adds the 'hf.' prefix)."""
+    return name[3:] if isinstance(model, HFCausalLM) and name.startswith("hf.") else name
+
+
+def our_name(model, name: str) -> str:
+    return "hf." + name if isinstance(model, HFCausalLM) else name
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def read_hf_config(path) -> dict:
+    """config.json of a local Hugging Face folder of a supported family (one-line errors otherwise)."""
+    path = resolve_model_path(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"model folder {path} not found: pass a Hugging Face model folder (model_type "
+                        f"{', '.join(SUPPORTED)}), an export folder or a checkpoint .pt")
+    if not os.path.isfile(cfg_file):
+        raise UserError(f"{cfg_file} not found: {path} is not a Hugging Face model folder")
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e})") from None
+    if hf.get("model_type") not in SUPPORTED:
+        raise UserError(f"{cfg_file} has model_type {hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}")
+    return hf
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_transformers():
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # no bars in log files
+    return transformers
+
+
+def _no_dropout(config):
+    for key in _DROPOUT_KEYS:
+        if isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def crop_context(model, block_size, source):
+    """Shrink (never grow) the context to block_size; GPT-2's position embeddings are cropped with it."""
+    if block_size is not None:
+        if block_size > model.config.block_size:
+            raise UserError(f"block_size {block_size} exceeds the context of {source} ({model.config.block_size}); "
+                            f"use --block_size {model.config.block_size} or less")
+        model.config.block_size = block_size
+        if isinstance(model, GPT):
+            wpe = model.transformer.wpe
+            wpe.weight = nn.Parameter(wpe.weight.detach()[:block_size].clone())
+    return model
+
+
+def from_pretrained(path, block_size=None, dtype=torch.float32):
+    """A dense model of any supported family from a local Hugging Face folder (dropout off, fp32 by default)."""
+    path = resolve_model_path(path)
+    family = read_hf_config(path)["model_type"]
+    if family == "gpt2":
+        return GPT.from_pretrained(path, block_size=block_size).to(dtype)
+    transformers = _quiet_transformers()
+    try:
+        config = _no_dropout(transformers.AutoConfig.from_pretrained(path, local_files_only=True))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
+                                                               dtype=dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {path} with transformers ({first})") from None
+    return crop_context(HFCausalLM(hf.eval()), block_size, path)
+
+
+def model_args(model) -> dict:
+    """What from_config() rebuilds the (dense) model from: GPTConfig fields, or the full transformers config."""
+    if isinstance(model, HFCausalLM):
+        return model.hf.config.to_dict()
+    return dict(vars(model.config))
+
+
+def from_config(family, args, block_size=None):
+    """A freshly initialised model of this family from model_args() (a checkpoint then loads its weights)."""
+    if family not in SUPPORTED:
+        raise UserError(f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    if family == "gpt2":
+        model = GPT(GPTConfig(**args))
+    else:
+        transformers = _quiet_transformers()
+        args = {k: v for k, v in args.items() if k != "model_type"}
+        config = _no_dropout(transformers.AutoConfig.for_model(family, **args))
+        model = HFCausalLM(transformers.AutoModelForCausalLM.from_config(config).eval())
+    return crop_context(model, block_size, "the checkpoint") if block_size else model
+
+
+def save_pretrained(model, out, state_dict):
+    """Write a Hugging Face folder of the model's own transformers class from a plain (nn.Linear) state dict of
+    ours: GPT2LMHeadModel for GPT-2 (Conv1D layout), the original *ForCausalLM class otherwise."""
+    if isinstance(model, HFCausalLM):
+        sd = {hf_name(model, k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        _quiet_transformers()
+        model.hf.save_pretrained(out, state_dict=sd, safe_serialization=True)
+        return
+    plain = GPT(model.config)
+    plain.load_state_dict(state_dict)
+    plain.save_pretrained(out)
+
+
+def load_transformers(path):
+    """The saved folder as transformers itself loads it (AutoModelForCausalLM, no code of ours), in eval mode."""
+    transformers = _quiet_transformers()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                             dtype=torch.float32).eval()
+
+
+def transformers_weight(hf, name):
+    """The (out, in) weight of a block linear in a transformers model (GPT-2's Conv1D stores (in, out))."""
+    w = hf.get_submodule(name).weight
+    return w.t() if hf.config.model_type == "gpt2" else w
