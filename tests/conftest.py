@@ -63,3 +63,47 @@ def tiny_models(tmp_path_factory):
     save_tiny_gpt2(str(root / "student"), n_positions=64, seed=0)
     save_tiny_gpt2(str(root / "teacher"), n_layer=4, n_positions=64, seed=1)
     return {"student": str(root / "student"), "teacher": str(root / "teacher")}
+
+
+def gpt2_tokenizer(data_root):
+    """The GPT-2 tokenizer from the shared data, as transformers loads it (any family's stand-in in tests)."""
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast.from_pretrained(os.path.join(data_root, "gpt2_tokenizer", "hf"))
+
+
+def save_tiny_family(path, family, data_root=None, n_layer=2, hidden=32, ffn=64, heads=4, kv_heads=2, context=64,
+                     seed=0, tokenizer=None, **extra):
+    """A random Hugging Face *ForCausalLM folder of a family (opt, llama, mistral, qwen2), saved with
+    save_pretrained, with a tokenizer beside it (the GPT-2 one unless given): our stand-in for real weights."""
+    import transformers
+
+    if family == "opt":
+        cfg = transformers.OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=n_layer, ffn_dim=ffn,
+                                     num_attention_heads=heads, max_position_embeddings=context,
+                                     word_embed_proj_dim=extra.pop("word_embed_proj_dim", hidden), **extra)
+    else:
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}[family]
+        cfg = cls(vocab_size=50257, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layer,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(path)
+    tok = tokenizer if tokenizer is not None else (gpt2_tokenizer(data_root) if data_root else None)
+    if tok is not None:
+        tok.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def family_models(data_root, tmp_path_factory):
+    """Per family: a 2-block student and a 3-block, wider teacher (random, context 64, GPT-2 tokenizer beside)."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family in ("opt", "llama", "mistral", "qwen2"):
+        out[family] = {"student": str(root / f"{family}_student"), "teacher": str(root / f"{family}_teacher")}
+        save_tiny_family(out[family]["student"], family, data_root, seed=0)
+        save_tiny_family(out[family]["teacher"], family, data_root, n_layer=3, hidden=48, ffn=96, heads=4,
+                         kv_heads=4, seed=1)
+    return out
