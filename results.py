@@ -4,7 +4,9 @@
 
 Reads main.py's results.json (give the file or its out_dir), prune.py --results files and evaluate.py --out
 files. A row is named by its --label NAME=PATH, else by its folder (results.json) or file name. Rows appear in
-the order given: --label rows first, then the plain paths.
+the order given: --label rows first, then the plain paths. What a row says about the model (its pattern, SLoRB,
+non-zero parameters) is what the evaluated model itself was (evaluate.sparsity_report), never the flags of the
+run; only the training procedure (AST, GMP, IMP, distillation, SR-STE) comes from the run's config.
 """
 import json
 import os
@@ -12,7 +14,7 @@ import os
 import cli
 from cli import UserError
 
-COLUMNS = ("method", "training", "WikiText-2 ppl", "C4 val loss", "tokens", "sparsity / N:M")
+COLUMNS = ("method", "training", "WikiText-2 ppl", "C4 val loss", "tokens", "sparsity / N:M", "parameters")
 
 
 def read_run(path):
@@ -45,7 +47,10 @@ def training_of(run):
             what = ["dense"]
         else:
             what = [{"gradual": "GMP", "iterative": "IMP"}.get(cfg.get("prune_schedule"), "AST")]
-        what += [name for flag, name in (("distill_model", "distill"), ("SLoRB", "SLoRB")) if cfg.get(flag)]
+        if cfg.get("distill_model"):
+            what.append("distill")
+        if (run["slorb_k"] if "slorb_k" in run else cfg.get("SLoRB")):  # the model's (older files: the flag)
+            what.append("SLoRB")
         if cfg.get("srste_decay"):
             what.append("SR-STE")
         return f"yes ({' + '.join(what)})"
@@ -55,7 +60,7 @@ def training_of(run):
 
 
 def pattern_of(run):
-    if run.get("pattern"):
+    if run.get("pattern"):  # the evaluated model's own layers (older files: prune.py's flags)
         return run["pattern"]
     cfg = run.get("config") or {}
     if "N" in cfg and "M" in cfg:
@@ -68,11 +73,22 @@ def sparsity_cell(run):
     if not run.get("sparse_layers"):
         return "dense"
     pct = f"{100 * share:.1f} %" if share is not None else "?"
+    slorb = f" + SLoRB k={run['slorb_k']}" if run.get("slorb_k") else ""
     if run.get("nm_ok") is True:
-        return f"{pattern_of(run)} ✓ ({pct})"
+        return f"{pattern_of(run)} ✓ ({pct}){slorb}"
     if run.get("nm_ok") is False:
-        return f"{pattern_of(run)} ✗ NOT N:M ({pct})"
-    return f"unstructured ({pct})"
+        return f"{pattern_of(run)} ✗ NOT N:M ({pct}){slorb}"
+    return f"{pattern_of(run) if run.get('pattern') else 'unstructured'} ({pct}){slorb}"
+
+
+def params_cell(run):
+    """Non-zero parameters (the paper's "Parameters") and the share of all parameters stored dense."""
+    nonzero = run.get("params_nonzero")
+    if nonzero is None:
+        return "–"
+    share = run.get("dense_param_share")
+    return human_tokens(nonzero) + (f" ({100 * share:.1f} % dense)" if share is not None and run.get("sparse_layers")
+                                    else "")
 
 
 def human_tokens(n):
@@ -103,6 +119,8 @@ def collect(labelled, paths):
             "WikiText-2 ppl": ppl_cell(run),
             "C4 val loss": f"{run['val_loss']:.4f}" if run.get("val_loss") is not None else "–",
             "tokens": human_tokens(run.get("tokens")), "sparsity / N:M": sparsity_cell(run),
+            "parameters": params_cell(run), "params_nonzero": run.get("params_nonzero"),
+            "slorb_k": run.get("slorb_k"), "family": run.get("family"),
             "source": file, "wikitext_ppl": run.get("wikitext_ppl"), "ppl_windows": run.get("ppl_windows"),
             "val_loss": run.get("val_loss"), "tokens_raw": run.get("tokens"), "nm_ok": run.get("nm_ok"),
             "mean_sparsity": run.get("mean_sparsity"),

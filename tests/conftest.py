@@ -73,19 +73,19 @@ def gpt2_tokenizer(data_root):
 
 
 def save_tiny_family(path, family, data_root=None, n_layer=2, hidden=32, ffn=64, heads=4, kv_heads=2, context=64,
-                     seed=0, tokenizer=None, **extra):
+                     seed=0, tokenizer=None, vocab_size=None, **extra):
     """A random Hugging Face *ForCausalLM folder of a family (opt, llama, mistral, qwen2), saved with
     save_pretrained, with a tokenizer beside it (the GPT-2 one unless given): our stand-in for real weights."""
     import transformers
 
     if family == "opt":
-        cfg = transformers.OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=n_layer, ffn_dim=ffn,
+        cfg = transformers.OPTConfig(vocab_size=vocab_size or 50272, hidden_size=hidden, num_hidden_layers=n_layer, ffn_dim=ffn,
                                      num_attention_heads=heads, max_position_embeddings=context,
                                      word_embed_proj_dim=extra.pop("word_embed_proj_dim", hidden), **extra)
     else:
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config}[family]
-        cfg = cls(vocab_size=50257, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layer,
+        cfg = cls(vocab_size=vocab_size or 50257, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layer,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()

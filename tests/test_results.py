@@ -31,12 +31,22 @@ def test_table_rows_from_the_three_kinds_of_results(tmp_path):
     table, rows = results.main(["--label", f"Dense={dense}", "--label", f"SparseGPT={sgpt}", str(gmp_dir),
                                 "--json", str(out)])
     lines = table.splitlines()
-    assert lines[0] == "| method | training | WikiText-2 ppl | C4 val loss | tokens | sparsity / N:M |"
-    assert lines[2] == "| Dense | – | 29.95 | 3.1000 | – | dense |"
-    assert lines[3] == "| SparseGPT | no (sparsegpt) | 50.09 (8 windows) | – | 0 | 2:4 ✓ (50.0 %) |"
-    assert lines[4] == "| gmp | yes (GMP + distill) | 33.48 | 3.2101 | 5.24B | 2:4 ✓ (50.0 %) |"
+    assert lines[0] == "| method | training | WikiText-2 ppl | C4 val loss | tokens | sparsity / N:M | parameters |"
+    assert lines[2] == "| Dense | – | 29.95 | 3.1000 | – | dense | – |"
+    assert lines[3] == "| SparseGPT | no (sparsegpt) | 50.09 (8 windows) | – | 0 | 2:4 ✓ (50.0 %) | – |"
+    assert lines[4] == "| gmp | yes (GMP + distill) | 33.48 | 3.2101 | 5.24B | 2:4 ✓ (50.0 %) | – |"
     saved = json.loads(out.read_text())
     assert [r["method"] for r in saved] == ["Dense", "SparseGPT", "gmp"] and saved[2]["tokens_raw"] == 5_242_880_000
+
+
+def test_the_model_not_the_flags_describes_a_row(tmp_path):
+    # flags said 2:4 without SLoRB; the evaluated model (main.py kept a sparse starting point) is 4:8 with SLoRB
+    run = dict(MAIN, pattern="4:8", slorb_k=16, params_nonzero=74_000_000, dense_param_share=0.45,
+               config=dict(MAIN["config"], prune_schedule="none", SLoRB=False))
+    _, rows = results.main([write(tmp_path / "kept" / "results.json", run)])
+    assert rows[0]["sparsity / N:M"] == "4:8 ✓ (50.0 %) + SLoRB k=16"
+    assert rows[0]["training"] == "yes (AST + distill + SLoRB)"
+    assert rows[0]["parameters"] == "74.00M (45.0 % dense)"
 
 
 def test_broken_nm_and_ast_runs_are_labelled(tmp_path):
