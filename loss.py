@@ -53,6 +53,25 @@ def cross_entropy(x, weight, targets, bias=None, chunk_size=0):
     return lm_head_loss(x, weight, targets, bias=bias, chunk_size=chunk_size)[0]
 
 
+def _accumulate_gemm(out, a, b):
+    """out += a @ b. Under autocast the GEMM runs in the autocast dtype (bf16 on GPUs) and its result is added to
+    the fp32 `out`, as autograd would accumulate a bf16 weight gradient; an in-place addmm_ would bypass autocast
+    and run this vocab × width × tokens GEMM in fp32. On CUDA the bf16 GEMM writes fp32 directly (out_dtype)."""
+    device = a.device.type
+    if not torch.is_autocast_enabled(device):
+        out.addmm_(a, b.to(out.dtype))
+        return
+    low = torch.get_autocast_dtype(device)
+    a, b = a.to(low), b.to(low)
+    if device == "cuda":
+        try:
+            out.add_(torch.mm(a, b, out_dtype=out.dtype))
+            return
+        except (RuntimeError, TypeError):  # a torch without bf16 -> fp32 GEMMs
+            pass
+    out.add_(torch.mm(a, b))
+
+
 def _logits(x, weight, bias):
     z = x @ weight.t().to(x.dtype)
     return z if bias is None else z + bias.to(z.dtype)
@@ -95,7 +114,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                 if g_kl is not None:
                     g += g_kl
                 dx[i:i + len(xs)] = g.to(xs.dtype) @ weight.to(xs.dtype)
-                dw.addmm_(g.t(), xs.to(dw.dtype))
+                _accumulate_gemm(dw, g.t(), xs)
                 if db is not None:
                     db += g.sum(0)
         ctx.weight_dtype = weight.dtype
