@@ -3,6 +3,11 @@
 Nothing here knows about GPT-2 except the default filter's layer names. The contract with the rest of the
 project: a SparseLinear keeps its dense fp32 weight W and a bool buffer `mask` M; its forward uses W ⊙ M and
 hands the gradient of W ⊙ M to all of W (straight-through); masks are recomputed from scores on demand.
+
+Sharded (FSDP2, parallelize.py): W is a DTensor of whole rows and `mask` holds the rows of this rank's shard
+only. N:M groups lie along a row, so scores, masks and the SR-STE decay are computed on the local shard with no
+communication (`local()` below); only the forward, where FSDP has gathered the full W, needs the full mask,
+which parallelize.py gathers into `gathered_mask` for the duration of the block's forward.
 """
 import contextlib
 import math
@@ -118,6 +123,12 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row")
     raise ValueError(f"unknown scope {scope!r}: choose row or layer")
 
 
+def local(t):
+    """The local shard of a DTensor (what this rank stores and updates), any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs()
 
@@ -167,6 +178,7 @@ class SparseLinear(nn.Linear):
             check_pattern(n, m, in_features)
         self.n, self.m, self.metric, self.mask_type, self.sparsity = n, m, metric, mask_type, sparsity
         self.sparse, self.ste = True, ste
+        self.gathered_mask = None  # the full mask during a sharded forward (parallelize.py); else `mask` is full
         full = torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         self.register_buffer("mask", full)
         self.register_buffer("init_mask", full.clone())
@@ -207,7 +219,9 @@ class SparseLinear(nn.Linear):
         return s + (f", SLoRB k={self.slorb_k}" if self.slorb_k else "")
 
     def effective_weight(self):
-        return self.weight * self.mask if self.sparse else self.weight
+        """W ⊙ M as stored (this rank's rows when sharded)."""
+        w = local(self.weight)
+        return w * self.mask if self.sparse else w
 
     def forward(self, x):
         return F.linear(x, self.forward_weight(), self.bias)
@@ -218,10 +232,11 @@ class SparseLinear(nn.Linear):
         x (W⊙M)ᵀ + (x Xᵀ) Sᵀ = x (W⊙M + S X)ᵀ: adding ΔW to the weight costs one pass over the weight instead
         of three thin GEMMs and an add over the activations, whatever the number of tokens.
         """
+        mask = self.mask if self.gathered_mask is None else self.gathered_mask
         if not self.sparse:
             w = self.weight
         else:
-            w = _MaskedWeight.apply(self.weight, self.mask) if self.ste else self.weight * self.mask
+            w = _MaskedWeight.apply(self.weight, mask) if self.ste else self.weight * mask
         if self.slorb_S is None:
             return w
         if self.slorb_X is not None:
@@ -246,7 +261,7 @@ class SparseLinear(nn.Linear):
 
     # -- masks
     def scores(self):
-        w = self.weight.detach().float()
+        w = local(self.weight).detach().float()
         if self.metric == "wanda":
             if not bool(self.input_sq.any()):
                 raise RuntimeError("Wanda scores need input statistics: run calibration under "
@@ -272,13 +287,14 @@ class SparseLinear(nn.Linear):
     @torch.no_grad()
     def reset_slorb(self):
         groups, k = self.in_features // self.slorb_k, self.slorb_k
-        pruned = (self.weight * ~self.init_mask).reshape(self.out_features, groups, k).sum(-1)
+        pruned = (local(self.weight) * ~self.init_mask).reshape(-1, groups, k).sum(-1)
+        S = local(self.slorb_S)
         if self.slorb_init == "mean":  # each group's weight sum equals the dense sum
-            self.slorb_S.copy_(pruned / k)
+            S.copy_(pruned / k)
         elif self.slorb_init == "sum":
-            self.slorb_S.copy_(pruned)
+            S.copy_(pruned)
         else:
-            self.slorb_S.zero_()
+            S.zero_()
         if self.slorb_X is not None:
             if self.slorb_init == "xavier":
                 nn.init.xavier_uniform_(self.slorb_X)
@@ -380,16 +396,23 @@ def collect_input_norms(model: nn.Module):
 
 
 @torch.no_grad()
-def update_masks(model: nn.Module):
-    """Recompute every mask from the current weights. Returns (flip_ratio, flip_ratio_since_initial)."""
-    flipped = since_init = 0
-    total = 0
+def update_masks(model: nn.Module, all_reduce_sum=None):
+    """Recompute every mask from the current weights. Returns (flip_ratio, flip_ratio_since_initial).
+
+    all_reduce_sum: for a sharded model, a function summing a tensor over the ranks, so that the ratios are the
+    whole model's (each rank recomputes and counts only its own rows).
+    """
+    counts = None
     for _, layer in sparse_layers(model):
         f, s = layer.update_mask()
-        flipped, since_init, total = flipped + f, since_init + s, total + layer.mask.numel()
-    if total == 0:
+        row = torch.stack([f, s, torch.tensor(layer.mask.numel(), device=f.device)]).double()
+        counts = row if counts is None else counts + row
+    if counts is None:
         return 0.0, 0.0
-    return float(flipped) / total, float(since_init) / total  # one host sync for all layers
+    if all_reduce_sum is not None:
+        counts = all_reduce_sum(counts)
+    flipped, since_init, total = counts.tolist()  # one host sync for all layers
+    return (flipped / total, since_init / total) if total else (0.0, 0.0)
 
 
 @torch.no_grad()
@@ -496,12 +519,14 @@ class SRSTEAdamW(torch.optim.Optimizer):
         lr, eps, wd, lam = group["lr"], group["eps"], group["weight_decay"], group["srste_lambda"]
         t = self.state[params[0]]["step"]
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
         owners = [self._owner.get(p) for p in params]
+        # Sharded parameters (DTensors) are updated through their local shards, as are their states.
+        m = [local(self.state[p]["exp_avg"]) for p in params]
+        v = [local(self.state[p]["exp_avg_sq"]) for p in params]
+        grads = [local(p.grad) for p in params]
+        params = [local(p) for p in params]
         # ¬M of the weights that get the decay d = λ·(¬M ⊙ W); d is taken from W before this step's weight decay
         pruned = [~o.mask if (o is not None and lam != 0) else None for o in owners]
-        grads = [p.grad for p in params]
         if self.variant == "classic":  # d is added to the gradient, then standard AdamW
             grads = [g if nm is None else torch.addcmul(g, p, nm, value=lam)
                      for g, p, nm in zip(grads, params, pruned)]

@@ -1,0 +1,147 @@
+"""Data parallelism for main.py (torchtitan's `parallelize` idea): DDP or FSDP2 wrapping, gradient-sync control,
+rank reductions, and what sharding means for N:M masks. model.py, sparsity.py and distill.py never ask.
+
+    --parallel ddp    every rank holds the whole model, masks and optimizer state; gradients all-reduced
+    --parallel fsdp   torch.distributed.fsdp.fully_shard on every block and the root: each rank stores 1/world
+                      of the weights (whole rows), their gradients and optimizer state; the teacher is sharded
+                      the same way (frozen), unless --shard_teacher False keeps a full copy on every rank
+
+Masks under FSDP. FSDP2 shards parameters by rows (dim 0) and leaves buffers alone, so shard_masks() keeps in
+each SparseLinear's `mask` / `init_mask` only the rows of that rank's weight shard. N:M groups run along a row,
+so a mask recompute (and Wanda's scores: the input statistic is per input channel, the same on every rank) is
+local with no communication, and SR-STE's decay is local too. The forward needs the full mask beside the full
+weight FSDP gathers: each sharded block gathers its layers' mask rows, bit-packed (1/16 of the bf16 weight's
+all-gather), in one collective before its forward and drops them after. Checkpoints store each mask as a DTensor
+sharded like its weight (checkpoint.save_sharded).
+"""
+import contextlib
+import inspect
+
+import torch
+import torch.distributed as dist
+
+from sparsity import sparse_layers
+
+PARALLEL = ("ddp", "fsdp")
+_BITS = None
+
+
+# ------------------------------------------------------------------------------------------------ wrapping
+def wrap_ddp(model, rt):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # masks are identical on every rank by construction: no need to broadcast buffers each forward
+    no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 spelling of broadcast_buffers
+                      if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                      else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **no_buffer_sync)
+
+
+def apply_fsdp(model, rt, bf16=False):
+    """Shard model in place with fully_shard, block by block then the root; masks follow their weights' rows.
+
+    bf16: MixedPrecisionPolicy with bf16 parameters for compute and fp32 gradient reduction (GPUs); else fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    shard_masks(model, rt.rank, rt.world_size)
+    model.fsdp_mesh = mesh
+    return model
+
+
+def is_sharded(model) -> bool:
+    return getattr(model, "fsdp_mesh", None) is not None
+
+
+def grad_sync(model, rt, last: bool):
+    """Gradients are reduced on the last micro-step only; the context covers forward and backward (DDP's
+    no_sync must include the forward). FSDP: set_requires_gradient_sync delays the reduce-scatter instead."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if rt.ddp and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def local_rows(rows: int, rank: int, world: int):
+    """[lo, hi) of the rows FSDP2 (torch.chunk semantics) gives rank out of `rows`."""
+    chunk = -(-rows // world)
+    lo = min(rank * chunk, rows)
+    return lo, min(lo + chunk, rows)
+
+
+def shard_masks(model, rank, world):
+    """Keep only this rank's rows of every mask, and gather the full masks around each block's forward."""
+    for _, layer in sparse_layers(model):
+        lo, hi = local_rows(layer.out_features, rank, world)
+        if layer.weight.to_local().shape[0] != hi - lo:
+            raise RuntimeError(f"FSDP sharded {layer.out_features} rows as {layer.weight.to_local().shape[0]} "
+                               f"on rank {rank}, expected {hi - lo}: please report this as a bug")
+        layer.mask = layer.mask[lo:hi].clone()
+        layer.init_mask = layer.init_mask[lo:hi].clone()
+    for block in model.blocks:
+        layers = [layer for _, layer in sparse_layers(block)]
+        if layers:
+            block.register_forward_pre_hook(lambda module, args, layers=layers: gather_masks(layers, world))
+            block.register_forward_hook(lambda module, args, out, layers=layers: _drop_masks(layers))
+
+
+def _bits(device):
+    global _BITS
+    if _BITS is None or _BITS.device != device:
+        _BITS = (2 ** torch.arange(8, dtype=torch.uint8)).to(device)
+    return _BITS
+
+
+def _pack(mask, rows):
+    """A bool (≤ rows, in) mask padded to `rows` rows, 8 entries per byte."""
+    padded = torch.zeros(rows, mask.shape[1], dtype=torch.bool, device=mask.device)
+    padded[:len(mask)] = mask
+    flat = padded.flatten()
+    flat = torch.cat([flat, flat.new_zeros(-len(flat) % 8)])
+    return (flat.view(-1, 8).to(torch.uint8) * _bits(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed, rows, cols):
+    bits = (packed.unsqueeze(-1) & _bits(packed.device)) != 0
+    return bits.flatten()[:rows * cols].view(rows, cols)
+
+
+@torch.no_grad()
+def gather_masks(layers, world):
+    """One all-gather of the bit-packed mask rows of these layers; each gets its full mask in gathered_mask."""
+    chunks = [-(-layer.out_features // world) for layer in layers]
+    packed = [_pack(layer.mask, rows) for layer, rows in zip(layers, chunks)]
+    sizes = [len(p) for p in packed]
+    mine = torch.cat(packed)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    for i, (layer, rows) in enumerate(zip(layers, chunks)):
+        start = sum(sizes[:i])
+        parts = [_unpack(buf[start:start + sizes[i]], rows, layer.in_features) for buf in everyone]
+        layer.gathered_mask = torch.cat(parts)[:layer.out_features]
+
+
+def _drop_masks(layers):
+    for layer in layers:
+        layer.gathered_mask = None
+
+
+@torch.no_grad()
+def full_masks(model, world):
+    """{layer name: full (out, in) mask} on every rank (for the final report and tests), one gather per layer."""
+    out = {}
+    for name, layer in sparse_layers(model):
+        gather_masks([layer], world)
+        out[name] = layer.gathered_mask
+        layer.gathered_mask = None
+    return out
