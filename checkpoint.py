@@ -5,10 +5,16 @@ A checkpoint is one torch file holding the model state (masks and SLoRB included
 the model (its family and full config, the sparse layer names and their sparsify() arguments, its tokenizer),
 and for training checkpoints the optimizer, iteration, RNG states of every rank, the run's config and the git
 commit. Checkpoints written before model families existed (no "family" key) are GPT-2.
+
+Under --parallel fsdp a checkpoint is a folder instead (torch.distributed.checkpoint): every rank writes its own
+shards of the weights, masks and optimizer state, and extra.pt holds everything else. It is written under
+NAME.tmp and swapped in only when complete; load_model() reads it in a single process, unsharded, so
+export.py and evaluate.py take the folder directly.
 """
 import json
 import os
 import random
+import shutil
 import subprocess
 
 import numpy as np
@@ -22,6 +28,7 @@ from sparsity import layer_args, nm_mask, sparse_layers, sparsify
 
 EXPORT_INFO = "sparse_export.json"  # written by export.py beside the weights of a sparse export folder
 SLORB_FILE = "slorb.safetensors"
+SHARDED_EXTRA = "extra.pt"  # beside the shards of a sharded (FSDP) checkpoint folder
 
 
 def model_state(model) -> dict:
@@ -48,14 +55,15 @@ def build_model(state: dict, block_size=None):
     if state.get("sparse_layers"):
         names = set(state["sparse_layers"])
         sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False, **state["sparsity_args"])
-    sd = dict(state["model"])
-    if family == "gpt2":
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not match its recorded model ({str(e).splitlines()[0]})") \
-            from None
+    if state["model"] is not None:  # None: the weights come from elsewhere (a sharded checkpoint)
+        sd = dict(state["model"])
+        if family == "gpt2":
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint's weights do not match its recorded model "
+                            f"({str(e).splitlines()[0]})") from None
     model.config.block_size = state.get("block_size", model.config.block_size)
     model.tokenizer_info = state.get("tokenizer") or _default_tokenizer(family, None)
     return families.crop_context(model, block_size, "the checkpoint") if block_size else model
@@ -82,6 +90,8 @@ def load_model(path: str, block_size=None, dtype=torch.float32, what="--model"):
     path = resolve_model_path(path)
     if os.path.isfile(path):
         model = build_model(load_checkpoint(path), block_size=block_size).to(dtype)
+    elif sharded_checkpoint(path):
+        model = load_sharded_model(sharded_checkpoint(path), block_size=block_size).to(dtype)
     elif os.path.isdir(path):
         model = families.from_pretrained(path, block_size=block_size, dtype=dtype)
         model.tokenizer_info = _default_tokenizer(model.family, path)
@@ -172,3 +182,77 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by this project (main.py or prune.py)")
     return ckpt
+
+
+# ------------------------------------------------------------------------------------------------ sharded (FSDP)
+def sharded_checkpoint(path):
+    """The complete sharded checkpoint folder at path (or the previous one, path.old, when a swap was cut short),
+    or None."""
+    for folder in (path, path + ".old"):
+        if os.path.isfile(os.path.join(folder, ".metadata")) and os.path.isfile(os.path.join(folder, SHARDED_EXTRA)):
+            return folder
+    return None
+
+
+def _sharded_state(model, optimizer=None):
+    """What a rank writes and reads: parameters as FSDP's DTensor shards, masks as DTensors sharded like their
+    weights (each rank holds its rows, parallelize.shard_masks), the optimizer state by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, Shard
+
+    sd = model.state_dict()
+    for name, layer in sparse_layers(model):
+        for buffer in ("mask", "init_mask"):
+            sd[f"{name}.{buffer}"] = DTensor.from_local(getattr(layer, buffer), model.fsdp_mesh, [Shard(0)],
+                                                        run_check=False, shape=layer.weight.shape,
+                                                        stride=layer.weight.stride())
+    state = {"model": sd}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded(path, model, optimizer, extra: dict, rank: int):
+    """Every rank writes its shards to path.tmp, rank 0 adds extra.pt, then path.tmp replaces path (the old
+    folder kept as path.old until the new one is in place): a half-written checkpoint is never the one read."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp)
+    if rank == 0:
+        save_checkpoint(extra, os.path.join(tmp, SHARDED_EXTRA))
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded_into(path, model, optimizer=None) -> dict:
+    """Resume: read this rank's shards into the sharded model (and optimizer) in place; returns extra.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = _sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)  # in place: parameters, masks (their DTensor views) and optimizer state
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return load_checkpoint(os.path.join(path, SHARDED_EXTRA))
+
+
+def load_sharded_model(path, block_size=None):
+    """A sharded checkpoint as one ordinary (unsharded) model, in a single process: for export and evaluation."""
+    import torch.distributed.checkpoint as dcp
+
+    extra = load_checkpoint(os.path.join(path, SHARDED_EXTRA))
+    model = build_model({**extra, "model": None})
+    sd = model.state_dict()
+    dcp.load({"model": sd}, checkpoint_id=path)
+    model.load_state_dict(sd)
+    return families.crop_context(model, block_size, path) if block_size else model

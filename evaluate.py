@@ -40,7 +40,11 @@ def _nll_sum(model, x, y):
 @torch.no_grad()
 def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, device="cpu", ctx=None,
                         rank=0, world_size=1, progress=False):
-    """exp(mean NLL) over non-overlapping windows of block_size tokens (0 windows = all)."""
+    """exp(mean NLL) over non-overlapping windows of block_size tokens (0 windows = all).
+
+    Under data parallelism rank r takes windows r, r + world_size, ...; every rank runs the same number of
+    forwards (a rank one window short runs a window it does not count), which a sharded (FSDP) model needs.
+    """
     seq = block_size
     total = len(tokens) // seq
     n = total if windows <= 0 else min(windows, total)
@@ -52,13 +56,16 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, token count
     bar = _bar(len(mine), "wikitext-2", progress)
-    for i in range(0, len(mine), batch_size):
-        idx = torch.tensor(mine[i:i + batch_size])
+    for i in range(0, -(-n // world_size), batch_size):
+        counted = mine[i:i + batch_size]
+        idx = torch.tensor(counted or [0])
         win = tokens[(idx[:, None] * seq + torch.arange(seq)).reshape(-1)].reshape(len(idx), seq).to(device)
         with ctx:
-            sums[0] += _nll_sum(model, win[:, :-1], win[:, 1:]).double()
-        sums[1] += win[:, 1:].numel()
-        bar.update(len(idx))
+            nll = _nll_sum(model, win[:, :-1], win[:, 1:]).double()
+        if counted:
+            sums[0] += nll
+            sums[1] += win[:, 1:].numel()
+        bar.update(len(counted))
     bar.close()
     model.train(was_training)
     sums = _all_reduce_sum(sums)
