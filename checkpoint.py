@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import torch
@@ -31,11 +32,14 @@ SLORB_FILE = "slorb.safetensors"
 SHARDED_EXTRA = "extra.pt"  # beside the shards of a sharded (FSDP) checkpoint folder
 
 
-def model_state(model) -> dict:
-    """What rebuilds the model: its family, config, weights, sparse layers with their arguments, tokenizer."""
+def model_state(model, weights=True) -> dict:
+    """What rebuilds the model: its family, config, weights, sparse layers with their arguments, tokenizer.
+
+    weights=False leaves the weights out ("model": None): a sharded checkpoint stores them beside.
+    """
     layers = sparse_layers(model)
-    sd = model.state_dict()
-    if model.family == "gpt2":
+    sd = model.state_dict() if weights else None
+    if weights and model.family == "gpt2":
         sd.pop("lm_head.weight", None)  # tied to wte
     return {
         "family": model.family,
@@ -253,6 +257,8 @@ def load_sharded_model(path, block_size=None):
     extra = load_checkpoint(os.path.join(path, SHARDED_EXTRA))
     model = build_model({**extra, "model": None})
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=path)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=path)
     model.load_state_dict(sd)
     return families.crop_context(model, block_size, path) if block_size else model

@@ -100,6 +100,11 @@ class TrainConfig:
     dtype: str = opt("auto", "autocast dtype: auto = bfloat16 on GPUs that support it, float32 on CPU",
                      ("auto", "float32", "bfloat16", "float16"))
     backend: str = opt("auto", "DDP backend: auto = nccl on GPU, gloo on CPU", ("auto", "nccl", "gloo"))
+    parallel: str = opt("ddp", "data parallelism under torchrun: ddp replicates the model on every rank; fsdp "
+                               "shards weights, masks, gradients and optimizer state (FSDP2, checkpoints in "
+                               "sharded folders)", ("ddp", "fsdp"))
+    shard_teacher: bool = opt(True, "--parallel fsdp: shard the frozen teacher too (False: a full copy per rank, "
+                                    "no gathers in its forward)")
     compile: bool = opt(False, "torch.compile the student (no gain on CPU)")
     num_threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
     # --- evaluation and logging
@@ -240,6 +245,11 @@ def validate(cfg: TrainConfig):
         raise UserError("the --hardness_* weights must be non-negative")
     if cfg.init_from == "scratch" and (cfg.n_embd % cfg.n_head or min(cfg.n_layer, cfg.n_head) < 1):
         raise UserError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head} (both >= 1)")
+    if cfg.parallel == "fsdp" and cfg.prune_schedule != "none":
+        raise UserError("--prune_schedule (GMP/IMP) ranks weights over whole tensors, which --parallel fsdp splits "
+                        "across ranks: use --parallel ddp for these baselines")
+    if cfg.parallel == "fsdp" and cfg.compile:
+        raise UserError("--compile True with --parallel fsdp is not supported here: drop one of them")
     if cfg.distill_temperature <= 0:
         raise UserError(f"--distill_temperature must be positive, got {cfg.distill_temperature}")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import cli
 from cli import UserError
 from data.loader import BinDataset, check_wikitext, eval_offsets, load_wikitext_tokens
-from sparsity import check_nm, sparse_layers
+from sparsity import check_nm, local, sparse_layers
 
 
 def _all_reduce_sum(t):
@@ -91,7 +91,7 @@ def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="
     return float(sums[0] / sums[1])
 
 
-def sparsity_report(model):
+def sparsity_report(model, all_reduce_sum=None):
     """What the model is, read off the model itself (never off the flags that made it).
 
     nm_ok / sparse_layers / mean_sparsity: check_nm over the sparse layers (None / 0 when dense); pattern: "2:4",
@@ -99,12 +99,22 @@ def sparsity_report(model):
     projection is trained; params: every parameter once (tied ones once); params_nonzero: params less the
     pruned weights (the paper's "Parameters" column); slorb_params: S (and a stored X); dense_param_share: the
     share of params stored dense (everything outside the masked weights: embeddings, norms, head, biases, SLoRB).
+    all_reduce_sum: for a sharded (FSDP) model, where each rank holds some rows of every mask, a function summing
+    a tensor over the ranks: the counts and the verdict are then the whole model's.
     """
     ok, rows = check_nm(model)
     layers = [layer for _, layer in sparse_layers(model)]
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())  # a DTensor counts its whole (global) size
     masked = sum(layer.weight.numel() for layer in layers)
     pruned = sum(int((~layer.mask).sum()) for layer in layers if layer.sparse)
+    if all_reduce_sum is not None and rows:
+        zeros = [r["sparsity"] * local(layer.weight).numel() for r, layer in zip(rows, layers)]
+        sums = all_reduce_sum(torch.tensor([pruned, float(not ok), *zeros], dtype=torch.float64))
+        pruned, ok = int(sums[0]), bool(sums[1] == 0)
+        for r, layer, z in zip(rows, layers, sums[2:].tolist()):
+            r["sparsity"] = z / layer.weight.numel()
+            if "nm_ok" in r:
+                r["nm_ok"] = ok
     slorb = sum(layer.slorb_S.numel() + (layer.slorb_X.numel() if layer.slorb_X is not None else 0)
                 for layer in layers if layer.slorb_S is not None)
     patterns = sorted({f"{layer.n}:{layer.m}" if layer.mask_type == "structured"

@@ -6,40 +6,39 @@ one process or under torchrun.
     torchrun --nproc_per_node=8 main.py --config ast_boosted --student_model opt-125m --teacher_model opt-125m \
         --block_size 2048 --data_dir data/c4_opt --wikitext_dir data/wikitext_opt
 
-Every flag lives in config.py (`python main.py --help`). train() below reads top to bottom as one
-optimizer step: LR and λ for the step, micro-batches with gradient accumulation (DDP syncs only on the last,
-forward and backward both inside no_sync), clip, optimizer step, then the mask recompute, logging, evaluation
-and checkpoints.
+Every flag lives in config.py (`python main.py --help`); the distributed set-up (process group, DDP or FSDP2,
+gradient-sync control, rank reductions) lives in parallelize.py. train() below reads top to bottom: start the
+run, then per optimizer step evaluate and checkpoint when due, train_step() (LR and λ, micro-batches with
+gradient accumulation, gradients reduced on the last only, clip, optimizer step), the mask recompute and the
+log line. Its helpers take the run's state (a Run) as an argument.
 """
-import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
 import families
-from checkpoint import (build_model, git_commit, load_checkpoint, load_model, model_state, rng_state,
-                        save_checkpoint, set_rng_state, tokenizer_info)
+import parallelize
+from checkpoint import (build_model, git_commit, load_checkpoint, load_model, load_sharded_into, model_state,
+                        rng_state, save_checkpoint, save_sharded, set_rng_state, sharded_checkpoint,
+                        tokenizer_info)
 from cli import UserError
 from config import TrainConfig, explicit_keys, help_text, parse_config
 from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_wikitext, load_calibration,
                          load_wikitext_tokens, micro_batches)
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig, resolve_model_path
-from sparsity import (SRSTEAdamW, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers, sparsify,
-                      srste_lambda, update_masks)
-
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from parallelize import PTDTYPE, Runtime  # noqa: F401  (PTDTYPE: bench.py reads it from here)
+from sparsity import (SRSTEAdamW, local, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers,
+                      sparsify, srste_lambda, update_masks)
 
 
 class TrainingDiverged(Exception):
@@ -47,64 +46,6 @@ class TrainingDiverged(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-class Runtime:
-    """Rank, world size, device and autocast context of this process."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda but no GPU is visible; use --device cpu")
-            if self.ddp:
-                device = f"cuda:{self.local_rank}"
-            torch.cuda.set_device(device)
-        self.device = device
-        self.device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-        dtype = cfg.dtype
-        if dtype == "auto":
-            bf16_ok = self.device_type == "cuda" and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if bf16_ok else "float32"
-        self.dtype = dtype
-        if dtype == "float32":
-            self.ctx = contextlib.nullcontext()
-        else:
-            if self.device_type == "cpu" and self.rank == 0:
-                print(f"warning: {dtype} autocast on CPU is usually far slower than float32", file=sys.stderr)
-            self.ctx = torch.autocast(device_type=self.device_type, dtype=PTDTYPE[dtype])
-        if self.ddp:
-            backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device_type == "cuda" else "gloo")
-            dist.init_process_group(backend=backend)
-        self.master = self.rank == 0
-
-    def all_reduce_mean(self, t):
-        if self.ddp:
-            dist.all_reduce(t)
-            t /= self.world_size
-        return t
-
-    def all_ranks_equal(self, t) -> bool:
-        """True if tensor t is identical on every rank."""
-        if not self.ddp:
-            return True
-        gathered = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(gathered, t)
-        return all(torch.equal(g, t) for g in gathered)
-
-    def any_rank(self, flag: bool) -> bool:
-        """True if any rank's flag is set (every rank must call it at the same step)."""
-        if not self.ddp:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
 def get_lr(it: int, cfg: TrainConfig) -> float:
     """Linear warmup, cosine to min_lr at lr_decay_iters, then linear to 0 at max_iters (or hold min_lr)."""
     if it < cfg.warmup_iters:
@@ -209,8 +150,8 @@ def apply_pruning_schedule(model, cfg: TrainConfig, step: int, current: float) -
         return current
     for _, layer in sparse_layers(model):
         # scores of the effective weight: already pruned weights score 0 and can never come back
-        layer.update_mask(partial_nm_mask(magnitude_scores(layer.weight * layer.mask), layer.n, layer.m, fraction))
-        layer.weight.mul_(layer.mask)
+        layer.update_mask(partial_nm_mask(magnitude_scores(layer.effective_weight()), layer.n, layer.m, fraction))
+        local(layer.weight).mul_(layer.mask)
     return fraction
 
 
@@ -232,6 +173,33 @@ def open_wandb(cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """Everything a training run carries from step to step."""
+    cfg: TrainConfig
+    model: torch.nn.Module          # what the forward goes through (DDP / compiled); == raw under FSDP
+    raw: torch.nn.Module            # the model itself (sharded in place under FSDP)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    distiller: object
+    train_data: BinDataset
+    val_data: BinDataset
+    wikitext: torch.Tensor
+    sampler: GlobalBatchSampler
+    accum: int
+    ckpt_path: str
+    iter_num: int = 0
+    best_val: float = float("inf")
+    train_seconds: float = 0.0
+    pruned_fraction: float = 0.0
+    flip: tuple = (0.0, 0.0)
+    nonfinite: torch.Tensor = None  # set on the device when a step's gradient norm was not finite
+    t_start: float = field(default_factory=time.time)
+
+    def seconds(self):
+        return self.train_seconds + time.time() - self.t_start
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -244,16 +212,24 @@ def main(argv=None):
     try:
         return train(cfg, rt, explicit_keys(argv))
     finally:
-        if rt.ddp and dist.is_initialized():
-            dist.destroy_process_group()
+        rt.close()
 
 
-def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
+def checkpoint_path(cfg: TrainConfig, name="ckpt"):
+    """out_dir/ckpt.pt, or under --parallel fsdp the sharded folder out_dir/ckpt."""
+    return os.path.join(cfg.out_dir, name + (".pt" if cfg.parallel == "ddp" else ""))
+
+
+def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
+    """Data, student, teacher, optimizer and (on resume) the saved state, wrapped for DDP or sharded for FSDP."""
     resume = cfg.init_from == "resume"
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--init_from resume but {ckpt_path} does not exist: check --out_dir")
-    ckpt = load_checkpoint(ckpt_path) if resume else None
+    ckpt_path = checkpoint_path(cfg)
+    sharded = cfg.parallel == "fsdp"
+    if resume and not (sharded_checkpoint(ckpt_path) if sharded else os.path.isfile(ckpt_path)):
+        raise UserError(f"--init_from resume but {ckpt_path} does not exist: check --out_dir (and --parallel)")
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(os.path.join(sharded_checkpoint(ckpt_path), "extra.pt") if sharded else ckpt_path)
 
     # ---- data (checked before the model is loaded, so a typo fails fast)
     train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size)
@@ -263,13 +239,12 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     if cfg.global_batch_size % per_step:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} is not divisible by --batch_size "
                         f"{cfg.batch_size} x {rt.world_size} ranks; pick sizes where it divides")
-    accum = cfg.global_batch_size // per_step
     sampler = GlobalBatchSampler(len(train_data), cfg.block_size, cfg.global_batch_size, cfg.seed)
 
     # ---- model, teacher, optimizer (same seed on every rank: identical initial state everywhere)
     torch.manual_seed(cfg.seed)
     if resume:
-        model = build_model(ckpt).to(rt.device)
+        model = build_model({**ckpt, "model": ckpt["model"] if not sharded else None}).to(rt.device)
         train_data.check_model(model)
         model.gradient_checkpointing = cfg.gradient_checkpointing
     else:
@@ -278,6 +253,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
         raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
     val_data.check_model(model)
     check_wikitext(cfg.wikitext_dir, wikitext, model)
+    bf16_shards = rt.device_type == "cuda" and rt.dtype == "bfloat16"
     distiller = None
     if cfg.distill_model:
         from distill import Distiller, load_teacher
@@ -291,86 +267,189 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                             f"distillation compares logits token by token, so pick a teacher of the same tokenizer")
         distiller = Distiller(teacher, model.config, cfg.hardness_task, cfg.hardness_kldiv,
                               cfg.hardness_squarehead, cfg.distill_temperature, cfg.distill_chunk_size)
-    optimizer = configure_optimizer(model, cfg, rt)
-    scaler = torch.amp.GradScaler(enabled=rt.dtype == "float16")
-    iter_num, best_val, train_seconds, pruned_fraction = 0, float("inf"), 0.0, 0.0
+        if sharded and cfg.shard_teacher:
+            parallelize.apply_fsdp(teacher.model, rt, bf16=bf16_shards)
+    if sharded:  # before the optimizer: fully_shard replaces every parameter with a DTensor
+        parallelize.apply_fsdp(model, rt, bf16=bf16_shards)
+    run = Run(cfg=cfg, model=model, raw=model, optimizer=configure_optimizer(model, cfg, rt),
+              scaler=torch.amp.GradScaler(enabled=rt.dtype == "float16"), distiller=distiller,
+              train_data=train_data, val_data=val_data, wikitext=wikitext, sampler=sampler,
+              accum=cfg.global_batch_size // per_step, ckpt_path=ckpt_path,
+              nonfinite=torch.zeros((), dtype=torch.bool, device=rt.device))
     if resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        train_seconds, pruned_fraction = ckpt.get("train_seconds", 0.0), ckpt.get("pruned_fraction", 0.0)
+        if sharded:
+            load_sharded_into(sharded_checkpoint(ckpt_path), model, run.optimizer)
+        else:
+            run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num, run.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        run.train_seconds, run.pruned_fraction = ckpt.get("train_seconds", 0.0), ckpt.get("pruned_fraction", 0.0)
         rngs = ckpt["rng"]
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
-        del ckpt
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout may differ per rank; data does not depend on it
-    raw_model = model
     if cfg.compile:
-        model = torch.compile(model)
-    if rt.ddp:
-        # masks are identical on every rank by construction: no need to broadcast buffers each forward
-        no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 spelling of broadcast_buffers
-                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-                          else {"broadcast_buffers": False})
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **no_buffer_sync)
+        run.model = torch.compile(run.model)
+    if rt.ddp and not sharded:
+        run.model = parallelize.wrap_ddp(run.model, rt)
     if cfg.prune_schedule != "none" and not resume:
-        pruned_fraction = apply_pruning_schedule(raw_model, cfg, 0, pruned_fraction)
+        run.pruned_fraction = apply_pruning_schedule(model, cfg, 0, run.pruned_fraction)
+    return run
 
-    # ---- logging
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rt.master else None
-    run = open_wandb(cfg) if (cfg.wandb_logging and rt.master) else None
 
-    def log(row):
-        if rt.master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if run is not None:
-                run.log(row, step=row["iter"])
+def evaluate_run(run: Run, rt: Runtime):
+    """(C4 validation loss, WikiText-2 perplexity) of the student, every rank taking its share of the windows."""
+    cfg = run.cfg
+    val = validation_loss(run.raw, run.val_data, cfg.batch_size, cfg.eval_iters, rt.device, rt.ctx, rt.rank,
+                          rt.world_size)
+    ppl = wikitext_perplexity(run.raw, run.wikitext, cfg.block_size, cfg.ppl_windows, cfg.batch_size,
+                              rt.device, rt.ctx, rt.rank, rt.world_size)
+    return val, ppl
 
-    def evaluate_now():
-        val = validation_loss(raw_model, val_data, cfg.batch_size, cfg.eval_iters, rt.device, rt.ctx, rt.rank,
-                              rt.world_size)
-        ppl = wikitext_perplexity(raw_model, wikitext, cfg.block_size, cfg.ppl_windows, cfg.batch_size,
-                                  rt.device, rt.ctx, rt.rank, rt.world_size)
-        return val, ppl
 
-    def save(name="ckpt.pt", training_state=True):
-        rngs = [rng_state()]
-        if rt.ddp:
-            rngs = [None] * rt.world_size
-            dist.all_gather_object(rngs, rng_state())
-        if not rt.master:
-            return
-        obj = {**model_state(raw_model), "config": asdict(cfg), "git_commit": git_commit(), "iter_num": iter_num,
-               "best_val_loss": best_val}
+def save_run(run: Run, rt: Runtime, name="ckpt", training_state=True):
+    """ckpt.pt (or, with training_state=False, best.pt) from rank 0; under FSDP a sharded folder from all ranks."""
+    if bool(run.nonfinite):  # never write weights that a non-finite step has touched
+        raise TrainingDiverged(f"non-finite gradient norm before iter {run.iter_num}")
+    cfg = run.cfg
+    rngs = [rng_state()]
+    if rt.ddp:
+        rngs = [None] * rt.world_size
+        dist.all_gather_object(rngs, rng_state())
+    state = {"config": asdict(cfg), "git_commit": git_commit(), "iter_num": run.iter_num,
+             "best_val_loss": run.best_val}
+    if training_state:
+        state.update(scaler=run.scaler.state_dict(), rng=rngs, train_seconds=run.seconds(),
+                     pruned_fraction=run.pruned_fraction, lr=get_lr(run.iter_num, cfg),
+                     srste_lambda=srste_lambda(run.iter_num, cfg.srste_decay, cfg.increase_step))
+    path = checkpoint_path(cfg, name)
+    if parallelize.is_sharded(run.raw):
+        extra = {**model_state(run.raw, weights=False), **state}
+        save_sharded(path, run.raw, run.optimizer if training_state else None, extra, rt.rank)
+    elif rt.master:
         if training_state:
-            obj.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                       train_seconds=train_seconds + time.time() - t_loop, pruned_fraction=pruned_fraction,
-                       lr=get_lr(iter_num, cfg), srste_lambda=srste_lambda(iter_num, cfg.srste_decay,
-                                                                            cfg.increase_step))
-        save_checkpoint(obj, os.path.join(cfg.out_dir, name))
+            state["optimizer"] = run.optimizer.state_dict()
+        save_checkpoint({**model_state(run.raw), **state}, path)
 
-    def finish(val, ppl):
-        agree = rt.all_ranks_equal(mask_fingerprint(raw_model, rt.device))
+
+def train_step(run: Run, rt: Runtime):
+    """One optimizer step: (mean loss, mean loss parts, lr, λ) as device tensors; no host synchronisation."""
+    cfg = run.cfg
+    lr = get_lr(run.iter_num, cfg)
+    lam = srste_lambda(run.iter_num, cfg.srste_decay, cfg.increase_step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+        group["srste_lambda"] = lam
+    loss_sum = torch.zeros((), device=rt.device)
+    part_sums = {}
+    batches = micro_batches(run.train_data, run.sampler, run.iter_num, rt.rank, rt.world_size, cfg.batch_size,
+                            rt.device)
+    for micro_step, (x, y) in enumerate(batches):
+        # gradients are reduced on the last micro-step only (DDP: no_sync covers the forward too)
+        with parallelize.grad_sync(run.model, rt, last=micro_step == run.accum - 1):
+            with rt.ctx:
+                if run.distiller is not None:
+                    loss, parts = run.distiller(run.model, x, y)
+                else:
+                    _, loss = run.model(x, targets=y, return_logits=False)  # fused lm_head + CE
+                    parts = {}
+            run.scaler.scale(loss / run.accum).backward()
+        loss_sum += loss.detach() / run.accum
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, 0.0) + v.float() / run.accum
+    if cfg.grad_clip > 0 or rt.dtype != "float16":
+        run.scaler.unscale_(run.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), max_norm)
+        if rt.dtype != "float16":  # checked at the next log line or save, not here: no host sync per step
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            run.nonfinite |= ~torch.isfinite(grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    return loss_sum, part_sums, lr, lam
+
+
+def update_masks_after_step(run: Run, rt: Runtime, log):
+    """Recompute masks from the updated weights (each rank its own rows under FSDP, all rows under DDP, where
+    weights and so masks are identical everywhere); GMP/IMP follow their pruning schedule instead."""
+    cfg = run.cfg
+    if cfg.mode != "sparse_forward":
+        return
+    if cfg.prune_schedule != "none":
+        run.pruned_fraction = apply_pruning_schedule(run.raw, cfg, run.iter_num, run.pruned_fraction)
+    elif cfg.change_mask and run.iter_num % cfg.mask_update_interval == 0:
+        reduce = rt.all_reduce_sum if parallelize.is_sharded(run.raw) else None
+        run.flip = update_masks(run.raw, all_reduce_sum=reduce)
+        log({"iter": run.iter_num, "flip_ratio": run.flip[0], "flip_ratio_init": run.flip[1]})
+
+
+def finish(run: Run, rt: Runtime, val, ppl):
+    """results.json: the final evaluation and what the model is (read off the model, not the flags)."""
+    cfg = run.cfg
+    sharded = parallelize.is_sharded(run.raw)
+    agree = None  # under FSDP each rank holds other rows of the masks by design
+    if not sharded:
+        agree = rt.all_ranks_equal(mask_fingerprint(run.raw, rt.device))
         if not agree:
             raise RuntimeError("masks differ between ranks: please report this as a bug")
-        result = {"world_size": rt.world_size, "masks_identical_across_ranks": agree, "iter": iter_num,
-                  "tokens": iter_num * cfg.global_batch_size * cfg.block_size,
-                  "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": cfg.ppl_windows,
-                  "train_seconds": round(train_seconds + time.time() - t_loop, 2),
-                  **sparsity_report(raw_model), "config": asdict(cfg)}
-        if rt.master:
-            with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
-        return result
+    result = {"world_size": rt.world_size, "parallel": cfg.parallel, "masks_identical_across_ranks": agree,
+              "iter": run.iter_num, "tokens": run.iter_num * cfg.global_batch_size * cfg.block_size,
+              "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": run.best_val, "ppl_windows": cfg.ppl_windows,
+              "train_seconds": round(run.seconds(), 2),
+              **sparsity_report(run.raw, all_reduce_sum=rt.all_reduce_sum if sharded else None),
+              "config": asdict(cfg)}
+    if rt.master:
+        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
 
-    t_loop = time.time()
+
+class Log:
+    """metrics.jsonl rows, wandb and the console (through the progress bar when there is one), from rank 0."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime):
+        self.master = rt.master
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rt.master else None
+        self.wandb = open_wandb(cfg) if (cfg.wandb_logging and rt.master) else None
+        self.bar = None
+
+    def __call__(self, row):
+        if self.master:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+            if self.wandb is not None:
+                self.wandb.log(row, step=row["iter"])
+
+    def say(self, text):
+        if self.master:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def progress(self, total, initial):
+        if self.master:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def close(self):
+        for thing in (self.bar, self.metrics):
+            if thing is not None:
+                thing.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
+    run = start_run(cfg, rt, explicit)
+    cfg = run.cfg  # a sparse starting point's own settings, where they replaced the flags' defaults
+    log = Log(cfg, rt)
+    resumed = cfg.init_from == "resume"
     if cfg.eval_only:
-        val, ppl = evaluate_now()
-        if rt.master:
-            print(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
-        return finish(val, ppl)
+        val, ppl = evaluate_run(run, rt)
+        log.say(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+        log.close()
+        return finish(run, rt, val, ppl)
 
     # ---- signals: finish the current step, save, exit cleanly
     stop = {"signal": None}
@@ -379,126 +458,74 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
         stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    if rt.master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{rt.world_size} rank(s) on {rt.device} ({rt.dtype}), {n_params / 1e6:.2f}M parameters, "
-              f"{len(sparse_layers(raw_model))} sparse layers, grad accumulation {accum}, "
-              f"{cfg.global_batch_size * cfg.block_size:,} tokens per step")
-    bar = None
-    if rt.master and cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", dynamic_ncols=True)
-    say = bar.write if bar is not None else print
+    n_params = sum(p.numel() for p in run.raw.parameters())
+    log.say(f"{rt.world_size} rank(s) on {rt.device} ({rt.dtype}, {cfg.parallel}), {n_params / 1e6:.2f}M "
+            f"parameters, {len(sparse_layers(run.raw))} sparse layers, grad accumulation {run.accum}, "
+            f"{cfg.global_batch_size * cfg.block_size:,} tokens per step")
+    if cfg.progress:
+        log.progress(cfg.max_iters, run.iter_num)
 
-    flip = (0.0, 0.0)
-    last_eval_iter = iter_num if resume else -1
+    last_eval_iter = run.iter_num if resumed else -1
     t_log, steps_since_log = time.time(), 0
     val = ppl = None
     try:
         while True:
             # ---- evaluate and checkpoint (before the step; never twice at the same iteration)
-            if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and iter_num != last_eval_iter:
-                val, ppl = evaluate_now()
-                last_eval_iter = iter_num
-                improved = val < best_val
-                best_val = min(best_val, val)
-                log({"iter": iter_num, "val_loss": val, "wikitext_ppl": ppl})
-                if rt.master:
-                    say(f"iter {iter_num}: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
-                if 0 < iter_num < cfg.max_iters and (improved or cfg.always_save_checkpoint):
-                    save()  # the final one is written after the loop
-                if iter_num > 0 and improved:
-                    save("best.pt", training_state=False)
-            if iter_num >= cfg.max_iters:
+            it = run.iter_num
+            if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and it != last_eval_iter:
+                val, ppl = evaluate_run(run, rt)
+                last_eval_iter = it
+                improved = val < run.best_val
+                run.best_val = min(run.best_val, val)
+                log({"iter": it, "val_loss": val, "wikitext_ppl": ppl})
+                log.say(f"iter {it}: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+                if 0 < it < cfg.max_iters and (improved or cfg.always_save_checkpoint):
+                    save_run(run, rt)  # the final one is written after the loop
+                if it > 0 and improved:
+                    save_run(run, rt, "best", training_state=False)
+            if run.iter_num >= cfg.max_iters:
                 break
 
-            # ---- one optimizer step
-            lr = get_lr(iter_num, cfg)
-            lam = srste_lambda(iter_num, cfg.srste_decay, cfg.increase_step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-                group["srste_lambda"] = lam
-            loss_sum = torch.zeros((), device=rt.device)
-            part_sums = {}
-            batches = micro_batches(train_data, sampler, iter_num, rt.rank, rt.world_size, cfg.batch_size,
-                                    rt.device)
-            for micro_step, (x, y) in enumerate(batches):
-                last = micro_step == accum - 1
-                # DDP: synchronise gradients on the last micro-step only; no_sync must cover the forward too
-                sync = contextlib.nullcontext() if (last or not rt.ddp) else model.no_sync()
-                with sync:
-                    with rt.ctx:
-                        if distiller is not None:
-                            loss, parts = distiller(model, x, y)
-                        else:
-                            _, loss = model(x, targets=y, return_logits=False)  # fused lm_head + CE
-                            parts = {}
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach() / accum
-                for k, v in parts.items():
-                    part_sums[k] = part_sums.get(k, 0.0) + v.float() / accum
-            if cfg.grad_clip > 0 or rt.dtype != "float16":
-                scaler.unscale_(optimizer)
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-                if rt.dtype != "float16" and not torch.isfinite(grad_norm):
-                    raise TrainingDiverged(f"non-finite gradient at iter {iter_num} (loss {loss_sum.item():.4g})")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
+            loss_sum, part_sums, lr, lam = train_step(run, rt)
             steps_since_log += 1
-            if bar is not None:
-                bar.update(1)
+            if log.bar is not None:
+                log.bar.update(1)
+            update_masks_after_step(run, rt, log)
 
-            # ---- masks: recompute from the updated weights (identical on every rank: weights are)
-            if cfg.mode == "sparse_forward":
-                if cfg.prune_schedule != "none":
-                    pruned_fraction = apply_pruning_schedule(raw_model, cfg, iter_num, pruned_fraction)
-                elif cfg.change_mask and iter_num % cfg.mask_update_interval == 0:
-                    flip = update_masks(raw_model)
-                    log({"iter": iter_num, "flip_ratio": flip[0], "flip_ratio_init": flip[1]})
-
-            # ---- log
-            if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            # ---- log (the only host synchronisation of a step, every log_interval steps)
+            if run.iter_num % cfg.log_interval == 0 or run.iter_num == cfg.max_iters:
                 loss_val = rt.all_reduce_mean(loss_sum).item()
                 parts = {k: rt.all_reduce_mean(v.clone()).item() for k, v in sorted(part_sums.items())}
-                if not math.isfinite(loss_val):
-                    raise TrainingDiverged(f"non-finite loss {loss_val} at iter {iter_num}")
+                if bool(rt.all_reduce_sum(run.nonfinite.float())) or not math.isfinite(loss_val):
+                    raise TrainingDiverged(f"non-finite loss or gradient by iter {run.iter_num} (loss {loss_val:.4g})")
                 dt = (time.time() - t_log) / steps_since_log
                 t_log, steps_since_log = time.time(), 0
                 tok_s = cfg.global_batch_size * cfg.block_size / dt
-                row = {"iter": iter_num, "loss": loss_val, "lr": lr, "lambda": lam, "flip_ratio": flip[0],
-                       "flip_ratio_init": flip[1], "ms_per_iter": dt * 1000, "tokens_per_s": tok_s,
-                       **({"pruned_fraction": pruned_fraction} if cfg.prune_schedule != "none" else {}), **parts}
+                row = {"iter": run.iter_num, "loss": loss_val, "lr": lr, "lambda": lam, "flip_ratio": run.flip[0],
+                       "flip_ratio_init": run.flip[1], "ms_per_iter": dt * 1000, "tokens_per_s": tok_s,
+                       **({"pruned_fraction": run.pruned_fraction} if cfg.prune_schedule != "none" else {}),
+                       **parts}
                 log(row)
-                if rt.master:
-                    extra = "".join(f", {k} {v:.4f}" for k, v in parts.items())
-                    say(f"iter {iter_num}: loss {loss_val:.4f}{extra}, lr {lr:.2e}, lambda {lam:.2e}, "
-                        f"flip {flip[0]:.4f}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
+                extra = "".join(f", {k} {v:.4f}" for k, v in parts.items())
+                log.say(f"iter {run.iter_num}: loss {loss_val:.4f}{extra}, lr {lr:.2e}, lambda {lam:.2e}, "
+                        f"flip {run.flip[0]:.4f}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
 
             if rt.any_rank(stop["signal"] is not None):
-                save()
-                if rt.master:
-                    say(f"stopped by signal at iter {iter_num}; checkpoint saved to {ckpt_path}, "
+                save_run(run, rt)
+                log.say(f"stopped by signal at iter {run.iter_num}; checkpoint saved to {run.ckpt_path}, "
                         f"continue with the same flags and --init_from resume")
                 return None
+        save_run(run, rt)
     except TrainingDiverged as e:
-        raise UserError(f"{e}: training stopped, the last good checkpoint ({ckpt_path}) is kept; lower "
+        raise UserError(f"{e}: training stopped, the last good checkpoint ({run.ckpt_path}) is kept; lower "
                         f"--learning_rate or check the data") from None
     finally:
-        if bar is not None:
-            bar.close()
+        log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if metrics is not None:
-            metrics.close()
-        if run is not None:
-            run.finish()
-    save()
     if val is None:  # resumed a run that had already finished: report it again
-        val, ppl = evaluate_now()
-    return finish(val, ppl)
+        val, ppl = evaluate_run(run, rt)
+    return finish(run, rt, val, ppl)
 
 
 if __name__ == "__main__":

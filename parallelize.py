@@ -16,14 +16,95 @@ sharded like its weight (checkpoint.save_sharded).
 """
 import contextlib
 import inspect
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 
+from cli import UserError
 from sparsity import sparse_layers
 
 PARALLEL = ("ddp", "fsdp")
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BITS = None
+
+
+# ------------------------------------------------------------------------------------------------ the process
+class Runtime:
+    """Rank, world size, device, autocast context and data-parallel mode of this process; rank reductions.
+
+    Under torchrun the process group is set up here (NCCL on GPUs, gloo on CPU). Control flags (a stop signal
+    on some rank) travel over a second, gloo group on the CPU, so that checking them never waits for the GPU.
+    """
+
+    def __init__(self, cfg):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.parallel = cfg.parallel
+        if self.parallel == "fsdp" and not self.ddp:
+            raise UserError("--parallel fsdp shards the model over the ranks of torchrun: launch with "
+                            "`torchrun --nproc_per_node=N main.py ...` (N = 1 works too)")
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda but no GPU is visible; use --device cpu")
+            if self.ddp:
+                device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        self.device = device
+        self.device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+        dtype = cfg.dtype
+        if dtype == "auto":
+            bf16_ok = self.device_type == "cuda" and torch.cuda.is_bf16_supported()
+            dtype = "bfloat16" if bf16_ok else "float32"
+        self.dtype = dtype
+        if dtype == "float32":
+            self.ctx = contextlib.nullcontext()
+        else:
+            if self.device_type == "cpu" and self.rank == 0:
+                print(f"warning: {dtype} autocast on CPU is usually far slower than float32", file=sys.stderr)
+            self.ctx = torch.autocast(device_type=self.device_type, dtype=PTDTYPE[dtype])
+        self.control = None
+        if self.ddp:
+            backend = cfg.backend if cfg.backend != "auto" else ("nccl" if self.device_type == "cuda" else "gloo")
+            dist.init_process_group(backend=backend)
+            self.control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+        self.master = self.rank == 0
+
+    def close(self):
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def all_reduce_sum(self, t):
+        if self.ddp:
+            dist.all_reduce(t)
+        return t
+
+    def all_reduce_mean(self, t):
+        return self.all_reduce_sum(t) / self.world_size if self.ddp else t
+
+    def all_ranks_equal(self, t) -> bool:
+        """True if tensor t is identical on every rank."""
+        if not self.ddp:
+            return True
+        gathered = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(gathered, t)
+        return all(torch.equal(g, t) for g in gathered)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True if any rank's flag is set (every rank must call it at the same step); CPU only, no GPU sync."""
+        if not self.ddp:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
 
 
 # ------------------------------------------------------------------------------------------------ wrapping
