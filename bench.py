@@ -65,6 +65,9 @@ PRESETS = {
                     eval_windows=4, prepare_inputs="all", distill_seq_len=1024),
     "gpt2": Preset(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, repeats=5, warmup=1,
                    eval_windows=2, prepare_inputs="all", distill_seq_len=1024),
+    # GPU shapes (scripts/gpu_check.sh): GPT-2-XL, 1.5B
+    "gpt2-xl": Preset(n_layer=48, n_head=25, n_embd=1600, block_size=1024, batch_size=1, repeats=3, warmup=1,
+                      eval_windows=2, prepare_inputs="c4_head", distill_seq_len=1024),
 }
 
 
@@ -608,9 +611,14 @@ def profile(args):
     return rows
 
 
-SEMI_STRUCTURED_SHAPES = {  # (out, in) of the four block linears
-    "gpt2": 768,
-    "gpt2-xl": 1600,
+def _gpt2_linears(d):
+    return (("attn.c_attn", 3 * d, d), ("attn.c_proj", d, d), ("mlp.c_fc", 4 * d, d), ("mlp.c_proj", d, 4 * d))
+
+
+SEMI_STRUCTURED_SHAPES = {  # (layer, out, in) of the block linears
+    "gpt2": _gpt2_linears(768),
+    "gpt2-xl": _gpt2_linears(1600),
+    "llama-7b MLP": (("mlp.gate_proj / up_proj", 11008, 4096), ("mlp.down_proj", 4096, 11008)),
 }
 
 
@@ -627,9 +635,8 @@ def semi_structured(args):
     tokens = 16384  # 16 sequences of 1024: many tokens, where the sparse kernels pay off
     backends = ["default"] + (["cutlass"] if not SparseSemiStructuredTensor._FORCE_CUTLASS else [])
     rows = []
-    for model_name, d in SEMI_STRUCTURED_SHAPES.items():
-        for layer, (out_f, in_f) in (("attn.c_attn", (3 * d, d)), ("attn.c_proj", (d, d)),
-                                     ("mlp.c_fc", (4 * d, d)), ("mlp.c_proj", (d, 4 * d))):
+    for model_name, linears in SEMI_STRUCTURED_SHAPES.items():
+        for layer, out_f, in_f in linears:
             for dtype in (torch.bfloat16, torch.float16):
                 gen = torch.Generator(device=args.device).manual_seed(0)
                 w = torch.randn(out_f, in_f, device=args.device, dtype=dtype, generator=gen)
@@ -806,6 +813,36 @@ SECTIONS = {
 
 
 # ------------------------------------------------------------------------------------------------ output
+def markdown_table(rows):
+    """A section's rows as a Markdown table (bench.py --markdown)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(files):
+    """Markdown of saved bench JSON files (e.g. scripts/gpu_check.sh's), one heading per file and section."""
+    out = []
+    for path in files:
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a bench.py JSON file ({type(e).__name__})") from None
+        meta = results.get("meta", {})
+        out.append(f"### {os.path.basename(path)}: preset {meta.get('preset')}, {meta.get('device')} "
+                   f"({meta.get('gpu') or meta.get('machine')}), torch {meta.get('torch')}, commit "
+                   f"{str(meta.get('git_commit'))[:10]}")
+        for name, rows in results.items():
+            if name != "meta":
+                out += ["", f"#### {name}", "", markdown_table(rows)]
+        out.append("")
+    return "\n".join(out)
+
+
 def print_table(name, rows):
     print(f"== {name}")
     if not rows:
@@ -833,7 +870,8 @@ def run_meta(args):
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=list(PRESETS),
-                        help="model size: tiny (seconds), small (6 x 384, block 256), gpt2 (124M, block 1024)")
+                        help="model size: tiny (seconds), small (6 x 384, block 256), gpt2 (124M, block 1024), "
+                             "gpt2-xl (1.5B, for GPUs)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -845,7 +883,13 @@ def main(argv=None):
                         help=f"training-step variants to time (dense, the baseline, always runs): "
                              f"{', '.join(STEP_VARIANTS)}")
     parser.add_argument("--out", default=None, help="JSON file (default: out/bench_PRESET_DEVICE.json)")
+    parser.add_argument("--markdown", nargs="+", default=None, metavar="JSON",
+                        help="print saved results (e.g. from scripts/gpu_check.sh) as Markdown tables and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        text = render_markdown(args.markdown)
+        print(text)
+        return text
     requested = [n for n in args.only.split(",") if n]
     unknown = [n for n in requested if n not in SECTIONS]
     if unknown or not requested:

@@ -43,6 +43,20 @@ def test_tiny_preset_prints_a_table_per_section_and_saves_them_as_json(tiny_run)
     assert "fewer than 5 timed rounds" in stdout
 
 
+def test_saved_results_render_as_markdown_tables_one_per_section(tiny_run, tmp_path):
+    results, _ = tiny_run
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(results))
+    text = bench.main(["--markdown", str(path)])
+    assert text.startswith("### saved.json: preset tiny, cpu")
+    for name in TIMING_SECTIONS:
+        assert f"#### {name}" in text
+    section = text.split("#### train_step\n")[1].split("####")[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    columns = list(dict.fromkeys(k for row in results["train_step"] for k in row))
+    assert table[0] == "| " + " | ".join(columns) + " |" and len(table) == 2 + len(results["train_step"])
+
+
 def test_every_step_variant_is_a_ratio_to_the_dense_step_with_its_target(tiny_run):
     rows = {r["variant"]: r for r in tiny_run[0]["train_step"]}
     assert list(rows) == list(bench.STEP_VARIANTS)
