@@ -27,6 +27,23 @@ def default_data_root() -> str:
     return os.environ.get(DATA_ENV) or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
+def read_model_config(path) -> dict:
+    """config.json of a local Hugging Face model folder, with one-line errors for a missing or broken folder."""
+    import json
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise UserError(f"model folder {path} not found: pass a Hugging Face model folder (model_type gpt2, opt, "
+                        f"llama, mistral or qwen2), an export folder or a checkpoint .pt")
+    if not os.path.isfile(cfg_file):
+        raise UserError(f"{cfg_file} not found: {path} is not a Hugging Face model folder")
+    try:
+        with open(cfg_file) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e})") from None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump)."""
 

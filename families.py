@@ -18,7 +18,6 @@ Per family here: the linears sparsify() swaps (embeddings, norms, the head and O
 dense, as in AST, Wanda and SparseGPT), and loading/saving local Hugging Face folders (offline only).
 """
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cli import UserError
+from cli import UserError, read_model_config
 from model import GPT, GPTConfig, resolve_model_path
 
 SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2")
@@ -132,19 +131,10 @@ def our_name(model, name: str) -> str:
 def read_hf_config(path) -> dict:
     """config.json of a local Hugging Face folder of a supported family (one-line errors otherwise)."""
     path = resolve_model_path(path)
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise UserError(f"model folder {path} not found: pass a Hugging Face model folder (model_type "
-                        f"{', '.join(SUPPORTED)}), an export folder or a checkpoint .pt")
-    if not os.path.isfile(cfg_file):
-        raise UserError(f"{cfg_file} not found: {path} is not a Hugging Face model folder")
-    try:
-        with open(cfg_file) as f:
-            hf = json.load(f)
-    except ValueError as e:
-        raise UserError(f"{cfg_file} is not valid JSON ({e})") from None
+    hf = read_model_config(path)
     if hf.get("model_type") not in SUPPORTED:
-        raise UserError(f"{cfg_file} has model_type {hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}")
+        raise UserError(f"{os.path.join(path, 'config.json')} has model_type {hf.get('model_type')!r}; "
+                        f"supported: {', '.join(SUPPORTED)}")
     return hf
 
 

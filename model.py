@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import REPO_ROOT, UserError
+from cli import REPO_ROOT, UserError, read_model_config
 from loss import cross_entropy
 
 
@@ -229,14 +229,9 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def read_hf_config(path) -> GPTConfig:
+    """The GPTConfig of a local Hugging Face GPT-2 folder (only standard GPT-2 shapes and options)."""
     cfg_file = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise UserError(f"model folder {path} not found: place a Hugging Face GPT-2 folder there "
-                        f"(see gpt2/README.md) or pass another path")
-    if not os.path.isfile(cfg_file):
-        raise UserError(f"{cfg_file} not found: {path} is not a Hugging Face model folder (see gpt2/README.md)")
-    with open(cfg_file) as f:
-        hf = json.load(f)
+    hf = read_model_config(path)
     if hf.get("model_type") != "gpt2":
         raise UserError(f"{cfg_file} has model_type {hf.get('model_type')!r}; only GPT-2 models are supported")
     n_inner = hf.get("n_inner")
