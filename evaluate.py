@@ -75,17 +75,20 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
 @torch.no_grad()
 def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="cpu", ctx=None, rank=0,
                     world_size=1, seed=0):
-    """Mean next-token CE of the student on eval_iters fixed batches of the validation split."""
+    """Mean next-token CE of the student on eval_iters fixed batches of the validation split (rank r takes
+    batches r, r + world_size, ...; every rank runs the same number of forwards, as wikitext_perplexity)."""
     offsets = eval_offsets(len(dataset), dataset.block_size, batch_size, eval_iters, seed)
     ctx = ctx or contextlib.nullcontext()
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(rank, eval_iters, world_size):
-        x, y = dataset.get_batch(offsets[i], device)
+    for i in range(rank, -(-eval_iters // world_size) * world_size, world_size):
+        x, y = dataset.get_batch(offsets[min(i, eval_iters - 1)], device)
         with ctx:
-            sums[0] += _nll_sum(model, x, y).double()
-        sums[1] += y.numel()
+            nll = _nll_sum(model, x, y).double()
+        if i < eval_iters:  # else a forward the sharded peers run too, not counted
+            sums[0] += nll
+            sums[1] += y.numel()
     model.train(was_training)
     sums = _all_reduce_sum(sums)
     return float(sums[0] / sums[1])
