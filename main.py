@@ -264,6 +264,9 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
         raise UserError(f"--global_batch_size {cfg.global_batch_size} is not divisible by --batch_size "
                         f"{cfg.batch_size} x {rt.world_size} ranks; pick sizes where it divides")
     accum = cfg.global_batch_size // per_step
+    if cfg.zeroshot_tasks:  # task names and files checked now; scored on the final model in finish()
+        import zeroshot
+        zeroshot.task_files(zeroshot.parse_tasks(cfg.zeroshot_tasks))
     sampler = GlobalBatchSampler(len(train_data), cfg.block_size, cfg.global_batch_size, cfg.seed)
 
     # ---- model, teacher, optimizer (same seed on every rank: identical initial state everywhere)
@@ -360,6 +363,10 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                   "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": cfg.ppl_windows,
                   "train_seconds": round(train_seconds + time.time() - t_loop, 2),
                   **sparsity_report(raw_model), "config": asdict(cfg)}
+        if cfg.zeroshot_tasks and rt.master:  # lm-evaluation-harness on the final model in memory, as zeroshot.py
+            result["zeroshot"] = zeroshot.evaluate_model(raw_model, cfg.zeroshot_tasks, cfg.zeroshot_limit,
+                                                         cfg.batch_size, rt.device, rt.ctx, progress=cfg.progress)
+            print(zeroshot.report(result["zeroshot"]))
         if rt.master:
             with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
                 json.dump(result, f, indent=2)

@@ -18,16 +18,18 @@ fallback (the same items, other preprocessing: hellaswag/PROVENANCE.md) is score
 everywhere; a real hellaswag/validation.jsonl, once there, is used instead with the harness's preprocessing.
 """
 import os
+import sys
 
 # Never the network: set before the harness (and with it datasets and huggingface_hub) is imported.
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_EVALUATE_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 os.environ.update(OFFLINE)
+if __name__ == "__main__" and not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the harness's own bars have no switch: none off a terminal
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
