@@ -68,6 +68,7 @@ TASKS = {
     "openbookqa": Task("openbookqa/openbookqa.yaml", "test", "openbookqa/test.jsonl"),
     "sglue_rte": Task("super_glue/rte/default.yaml", "validation", "rte/validation.jsonl"),
 }
+DEFAULT_BATCH_SIZE = 16  # distinct sequences per forward (BENCHMARKS.md, zeroshot_throughput)
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 # Already preprocessed (query, choices, gold): the stock YAML is included with its process_docs turned off.
 HELLASWAG_APPROX = "hellaswag/approx/validation.approx.jsonl.gz"
@@ -139,13 +140,13 @@ def load_tokenizer(model, tokenizer_dir=""):
         tok = _hf_tokenizer(os.path.abspath(folder))
         if tok.eos_token_id is None:
             raise UserError(f"the tokenizer in {folder} has no end-of-text (eos) token")
-        bos = tok.decode([tok.bos_token_id]) if tok.bos_token_id is not None else None
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        prefix_text = tok.decode([prefix])
 
         def encode(text, add_special_tokens=None):
-            if add_special_tokens is None:  # the harness's default: the tokenizer's own, unless BOS is there
-                add_special_tokens = not (bos and text.startswith(bos))
+            if add_special_tokens is None:  # the harness's default: the tokenizer's own, unless the text has them
+                add_special_tokens = not text.startswith(prefix_text)
             return tok.encode(text, add_special_tokens=add_special_tokens)
-        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         return encode, tok.eos_token_id, prefix
     if model.family != "gpt2":
         raise UserError("the model records no tokenizer folder: pass --tokenizer FOLDER with the model's tokenizer")
@@ -158,7 +159,8 @@ class HarnessLM(TemplateLM):
     model.features + model.lm_head, i.e. the model's own forward (its logits are lm_head(features)), with the
     head applied only where a scored token is predicted; batches of distinct inputs, longest first."""
 
-    def __init__(self, model, batch_size=16, device="cpu", ctx=None, tokenizer_dir="", progress=False):
+    def __init__(self, model, batch_size=DEFAULT_BATCH_SIZE, device="cpu", ctx=None, tokenizer_dir="",
+                 progress=False):
         super().__init__()
         self.model, self.max_length, self.batch_size = model, model.config.block_size, batch_size
         self._device, self.ctx, self.progress = device, ctx or contextlib.nullcontext(), progress
@@ -247,8 +249,8 @@ def _quiet_harness():
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
-def evaluate_model(model, tasks=DEFAULT_TASKS, limit=0, batch_size=16, device="cpu", ctx=None, tokenizer_dir="",
-                   data_root=None, progress=False, per_doc=False) -> dict:
+def evaluate_model(model, tasks=DEFAULT_TASKS, limit=0, batch_size=DEFAULT_BATCH_SIZE, device="cpu", ctx=None,
+                   tokenizer_dir="", data_root=None, progress=False, per_doc=False) -> dict:
     """Zero-shot results of the model, in memory, on the tasks (names of TASKS): the "zeroshot" entry of
     results.json and of zeroshot.py --out. limit: the first N examples of each task (0 = all). per_doc: also
     each example's choice log-likelihoods and acc (for tests)."""
@@ -262,8 +264,10 @@ def evaluate_model(model, tasks=DEFAULT_TASKS, limit=0, batch_size=16, device="c
         with tempfile.TemporaryDirectory(prefix="zeroshot_tasks_") as tmp:
             names = write_task_yamls(files, tmp)
             manager = lm_eval.tasks.TaskManager(include_path=tmp, include_defaults=False)
+            # no seeds: nothing here is random (0-shot, first N docs), and the caller's RNG stays as it was
             out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager,
-                                          num_fewshot=0, limit=limit or None, log_samples=True)
+                                          num_fewshot=0, limit=limit or None, log_samples=True,
+                                          random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -334,7 +338,7 @@ def main(argv=None):
                                                   "supported family (gpt2, opt, llama, mistral, qwen2)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = the full splits)")
-    p.add_argument("--batch_size", type=int, default=16, help="distinct sequences per forward pass")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="distinct sequences per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (log-softmax always in float32)")

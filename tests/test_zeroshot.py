@@ -6,7 +6,10 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 
+import lm_eval
+import lm_eval.tasks
 import pytest
 import torch
 
@@ -148,6 +151,26 @@ def test_accuracy_equals_an_independent_transformers_scorer_offline(family, tiny
     assert z["limit"] == LIMIT and z["harness"].startswith("lm_eval 0.4.")
 
 
+def test_numbers_equal_the_harness_own_hf_model_on_the_same_folder(llama_dir):
+    """lm_eval's HFLM on the transformers model gives the same log-likelihoods (so `lm_eval --model hf` on an
+    export of a dense model agrees with zeroshot.py); a reference, not the independent scorer above."""
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = ["boolq", "hellaswag", "winogrande", "openbookqa"]
+    ours = zeroshot.evaluate_model(load_model(llama_dir), tasks, limit=4, batch_size=3, per_doc=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = zeroshot.write_task_yamls(zeroshot.task_files(tasks), tmp)
+        theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=llama_dir, batch_size=2, device="cpu"),
+                                         tasks=list(names.values()), num_fewshot=0, limit=4,
+                                         task_manager=lm_eval.tasks.TaskManager(include_path=tmp,
+                                                                                include_defaults=False))
+    for task, name in names.items():
+        assert ours["tasks"][task]["acc"] == theirs["results"][name]["acc,none"]
+        docs = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
+        for a, b in zip(ours["per_doc"][task], docs, strict=True):
+            assert a["lls"] == pytest.approx([r[0] for r in b["filtered_resps"]], rel=1e-5, abs=1e-5)
+
+
 def slorb_checkpoint(path, student_dir):
     """A 2:4 GPT-2 checkpoint with a non-trivial SLoRB branch (S random), as main.py writes one."""
     model = GPT.from_pretrained(student_dir)
@@ -225,7 +248,8 @@ def test_results_renders_the_papers_second_table(tmp_path):
     assert lines[0] == ("| Models | Parameters | BoolQ | RTE | HellaSwag | WinoGrande | ARC-e | ARC-c | OBQA | Mean "
                         "| Mean w/o HellaSwag |")
     assert lines[2] == "| LLaMA2-7B | 6.74B | 70.00 | 60.00 | 50.00* | 65.00 | 55.00 | 30.00 | 25.00 | 50.71* | 50.83 |"
-    assert lines[3] == "| ast (first 20 per task) | 3.4B | 60.00 | – | – | – | 50.00 | – | – | 55.00 (2 of 7) | 55.00 (2 of 6) |"
+    assert lines[3] == ("| ast (first 20 per task) | 3.4B | 60.00 | – | – | – | 50.00 | – | – | 55.00 (2 of 7) "
+                        "| 55.00 (2 of 6) |")
     assert "approximate" in text and "acc" in text
     assert rows[1]["zeroshot_mean"] == pytest.approx(0.55)
 
