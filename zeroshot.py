@@ -36,8 +36,8 @@ from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import lm_eval  # noqa: E402
+import lm_eval.evaluator  # noqa: E402
 import lm_eval.tasks  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -115,7 +115,7 @@ def write_task_yamls(files, out_dir) -> dict:
                  "dataset_path: json", "dataset_name: null", "dataset_kwargs:", "  data_files:",
                  f"    {task.split}: {json.dumps(path)}", "training_split: null",
                  f"validation_split: {'validation' if task.split == 'validation' else 'null'}",
-                 f"test_split: {'test' if task.split == 'test' else 'null'}"]
+                 f"test_split: {'test' if task.split == 'test' else 'null'}", "num_fewshot: 0"]
         if approximate:
             lines.append("process_docs: null")
         with open(os.path.join(out_dir, names[name] + ".yaml"), "w") as f:
@@ -211,16 +211,19 @@ class HarnessLM(TemplateLM):
             with self.ctx:
                 feats = self.model.features(x.to(self._device))
                 picked = torch.cat([feats[row, len(inp) - need[inp]:len(inp)] for row, inp in enumerate(batch)])
-                logprobs = F.log_softmax(self.model.lm_head(picked).float(), dim=-1)
+                logprobs = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
+            # greedy: each scored token is a most likely one (argmax but for exact ties; no task here uses it);
+            # amax is several times cheaper than argmax over the vocabulary on CPU
+            best = logprobs.amax(dim=-1)
             start = 0
             for inp in batch:
-                lp = logprobs[start:start + need[inp]]
-                start += need[inp]
+                end = start + need[inp]
                 for i in users[inp]:
                     cont = requests[i][2]
-                    rows, target = lp[need[inp] - len(cont):], torch.tensor(cont, device=lp.device)
-                    results[i] = (float(rows.gather(1, target[:, None]).sum()),
-                                  bool((rows.argmax(-1) == target).all()))
+                    pos = torch.arange(end - len(cont), end, device=logprobs.device)
+                    lp = logprobs[pos, torch.tensor(cont, device=logprobs.device)]
+                    results[i] = (float(lp.sum()), bool((lp == best[pos]).all()))
+                start = end
                 bar.update(len(users[inp]))
         bar.close()
         self.requests += len(requests)
@@ -241,7 +244,7 @@ def _quiet_harness():
     import huggingface_hub.constants
 
     for name in ("lm_eval", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.ERROR)  # not the stock YAMLs' own notes (metric defaults)
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     # modules imported before this one read the environment already: tell them too
@@ -264,10 +267,10 @@ def evaluate_model(model, tasks=DEFAULT_TASKS, limit=0, batch_size=DEFAULT_BATCH
         with tempfile.TemporaryDirectory(prefix="zeroshot_tasks_") as tmp:
             names = write_task_yamls(files, tmp)
             manager = lm_eval.tasks.TaskManager(include_path=tmp, include_defaults=False)
-            # no seeds: nothing here is random (0-shot, first N docs), and the caller's RNG stays as it was
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager,
-                                          num_fewshot=0, limit=limit or None, log_samples=True,
-                                          random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+            # the harness's evaluate() on its task dict (its Python API): simple_evaluate() would add only what
+            # this needs not (model construction, seeds, a pip/git/env survey) to the same call
+            task_dict = lm_eval.tasks.get_task_dict(list(names.values()), manager)
+            out = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit or None, log_samples=True)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -320,7 +323,8 @@ def report(z) -> str:
         label = name + ("*" if row["approximate"] else "")
         lines.append(f"{label:<16}{row['n']:>7}  {pct(row, 'acc')}  {pct(row, 'acc_norm')}  {100 * row['chance']:6.1f}")
     star = "*" if z["mean_includes_approximate"] else ""
-    lines.append(f"mean acc over {len(z['mean_tasks'])} tasks{star}: {100 * z['mean_acc']:.2f}"
+    lines.append(f"mean acc over {len(z['mean_tasks'])} task{'s' * (len(z['mean_tasks']) > 1)}{star}: "
+                 f"{100 * z['mean_acc']:.2f}"
                  + (f"; without hellaswag: {100 * z['mean_acc_without_hellaswag']:.2f}"
                     if z.get("mean_acc_without_hellaswag") is not None else ""))
     lines.append(f"acc is the metric of AST's and Wanda's tables; 0-shot, {z['harness']}"
