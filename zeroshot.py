@@ -212,19 +212,25 @@ class HarnessLM(TemplateLM):
                 feats = self.model.features(x.to(self._device))
                 picked = torch.cat([feats[row, len(inp) - need[inp]:len(inp)] for row, inp in enumerate(batch)])
                 logprobs = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
-            # greedy: each scored token is a most likely one (argmax but for exact ties; no task here uses it);
-            # amax is several times cheaper than argmax over the vocabulary on CPU
-            best = logprobs.amax(dim=-1)
-            start = 0
+            # every scored token of the batch at once (one device sync): its row in logprobs, its id, its request
+            pos, tok, owner, start = [], [], [], 0
             for inp in batch:
                 end = start + need[inp]
                 for i in users[inp]:
                     cont = requests[i][2]
-                    pos = torch.arange(end - len(cont), end, device=logprobs.device)
-                    lp = logprobs[pos, torch.tensor(cont, device=logprobs.device)]
-                    results[i] = (float(lp.sum()), bool((lp == best[pos]).all()))
+                    pos += range(end - len(cont), end)
+                    tok += cont
+                    owner += [i] * len(cont)
                 start = end
-                bar.update(len(users[inp]))
+            pos = torch.tensor(pos, device=logprobs.device)
+            lp = logprobs[pos, torch.tensor(tok, device=logprobs.device)]
+            # greedy: each scored token is a most likely one (argmax but for exact ties; no task here uses it);
+            # amax is several times cheaper than argmax over the vocabulary on CPU
+            greedy = (lp == logprobs.amax(dim=-1)[pos]).tolist()
+            for i, value, top in zip(owner, lp.tolist(), greedy):
+                ll, all_top = results[i] or (0.0, True)
+                results[i] = (ll + value, all_top and top)
+            bar.update(sum(len(users[inp]) for inp in batch))
         bar.close()
         self.requests += len(requests)
         self.scoring_seconds += time.perf_counter() - t0
