@@ -273,10 +273,10 @@ def evaluate_model(model, tasks=DEFAULT_TASKS, limit=0, batch_size=DEFAULT_BATCH
         with tempfile.TemporaryDirectory(prefix="zeroshot_tasks_") as tmp:
             names = write_task_yamls(files, tmp)
             manager = lm_eval.tasks.TaskManager(include_path=tmp, include_defaults=False)
-            # the harness's evaluate() on its task dict (its Python API): simple_evaluate() would add only what
-            # this needs not (model construction, seeds, a pip/git/env survey) to the same call
-            task_dict = lm_eval.tasks.get_task_dict(list(names.values()), manager)
-            out = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, limit=limit or None, log_samples=True)
+            # the harness's evaluate() on its loaded tasks: simple_evaluate() would add only what this needs not
+            # (model construction, seeds, a pip/git/env survey) to the same call
+            out = lm_eval.evaluator.evaluate(lm=lm, task_dict=manager.load(list(names.values())),
+                                             limit=limit or None, log_samples=True)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -284,9 +284,12 @@ def evaluate_model(model, tasks=DEFAULT_TASKS, limit=0, batch_size=DEFAULT_BATCH
     for name, hname in names.items():
         res, samples = out["results"][hname], out["samples"][hname]
         path, approximate = files[name]
-        row = {"acc": res["acc,none"], "acc_stderr": res["acc_stderr,none"]}
-        if "acc_norm,none" in res:
-            row.update(acc_norm=res["acc_norm,none"], acc_norm_stderr=res["acc_norm_stderr,none"])
+        row = {}
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in res:
+                stderr = res[f"{metric}_stderr,none"]  # "N/A" for a single example
+                row.update({metric: res[f"{metric},none"],
+                            f"{metric}_stderr": stderr if isinstance(stderr, (int, float)) else None})
         row.update(n=out["n-samples"][hname]["effective"], n_split=out["n-samples"][hname]["original"],
                    chance=sum(1 / len(s["arguments"]) for s in samples) / len(samples),
                    truncated_requests=lm.truncated[hname], split=TASKS[name].split, file=path,
@@ -322,7 +325,10 @@ def means(per_task) -> dict:
 def report(z) -> str:
     """The results as the lines zeroshot.py prints (percentages, ± the harness's standard error)."""
     def pct(row, key):
-        return f"{100 * row[key]:6.2f} ± {100 * row[key + '_stderr']:5.2f}" if key in row else f"{'–':>14}"
+        if key not in row:
+            return f"{'–':>14}"
+        stderr = row[key + "_stderr"]
+        return f"{100 * row[key]:6.2f} ± " + (f"{100 * stderr:5.2f}" if stderr is not None else "  n/a")
 
     lines = [f"{'task':<16}{'n':>7}  {'acc':>14}  {'acc_norm':>14}  {'chance':>6}"]
     for name, row in z["tasks"].items():
