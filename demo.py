@@ -226,7 +226,7 @@ class Demo:
                  "|---" * (len(columns) + 3) + "|"]
         for key, z in runs.items():
             rows = [z["tasks"][k] for k, _ in columns]
-            cells = [f"{100 * t['acc']:.1f}" + (f" ± {100 * t['acc_stderr']:.1f}" if t["acc_stderr"] is not None else "")
+            cells = [f"{100 * t['acc']:.1f}" + (f" ± {100 * t['acc_stderr']:.1f}" if t["acc_stderr"] else "")
                      for t in rows]
             lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + f" | {100 * z['mean_acc']:.1f} | "
                          f"{self.timings.get(f'zeroshot_{key}', 0):.0f} s |")
