@@ -154,6 +154,19 @@ def load_tokenizer(model, tokenizer_dir=""):
     return (lambda text, add_special_tokens=None: enc.encode_ordinary(text)), enc.eot_token, enc.eot_token
 
 
+def length_batches(inputs, batch_size):
+    """Runs of consecutive inputs (longest first) of at most batch_size, none padded to more than twice its
+    length: a short prompt never pays for a long one's forward (BENCHMARKS.md, zero-shot evaluation)."""
+    batch = []
+    for inp in inputs:
+        if batch and (len(batch) == batch_size or 2 * len(inp) < len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(inp)
+    if batch:
+        yield batch
+
+
 class HarnessLM(TemplateLM):
     """The harness's view of one of our models: log-likelihoods of (context, continuation) token lists from
     model.features + model.lm_head, i.e. the model's own forward (its logits are lm_head(features)), with the
@@ -202,8 +215,7 @@ class HarnessLM(TemplateLM):
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="zero-shot", disable=not self.progress, leave=False,
                    dynamic_ncols=True)
-        for b in range(0, len(order), self.batch_size):
-            batch = order[b:b + self.batch_size]
+        for batch in length_batches(order, self.batch_size):
             # right padding: in a causal model no real position sees the padding after it
             x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
             for row, inp in enumerate(batch):

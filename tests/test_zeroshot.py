@@ -171,6 +171,13 @@ def test_numbers_equal_the_harness_own_hf_model_on_the_same_folder(llama_dir):
             assert a["lls"] == pytest.approx([r[0] for r in b["filtered_resps"]], rel=1e-5, abs=1e-5)
 
 
+def test_length_batches_keep_the_order_the_size_and_at_most_double_padding():
+    inputs = [tuple(range(n)) for n in (40, 39, 30, 21, 20, 19, 18, 9, 3, 2, 1)]
+    batches = list(zeroshot.length_batches(inputs, 4))
+    assert [len(inp) for b in batches for inp in b] == [len(inp) for inp in inputs]
+    assert [[len(inp) for inp in b] for b in batches] == [[40, 39, 30, 21], [20, 19, 18], [9], [3, 2], [1]]
+
+
 def slorb_checkpoint(path, student_dir):
     """A 2:4 GPT-2 checkpoint with a non-trivial SLoRB branch (S random), as main.py writes one."""
     model = GPT.from_pretrained(student_dir)
