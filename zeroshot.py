@@ -133,8 +133,8 @@ def load_tokenizer(model, tokenizer_dir=""):
     if folder:
         if not has_hf_tokenizer(folder):
             what = "--tokenizer" if tokenizer_dir else "the model's tokenizer folder"
-            raise UserError(f"{what} {folder} holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json + "
-                            f"merges.txt): pass --tokenizer FOLDER with the model's tokenizer")
+            raise UserError(f"{what} {folder} is gone or holds no tokenizer (tokenizer.json, tokenizer.model or "
+                            f"vocab.json + merges.txt): pass --tokenizer FOLDER with the model's tokenizer")
         if tokenizer_dir and info["fingerprint"] and folder_fingerprint(folder) != info["fingerprint"]:
             raise UserError(f"--tokenizer {folder} is not the tokenizer the model was trained with (other ids)")
         tok = _hf_tokenizer(os.path.abspath(folder))
