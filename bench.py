@@ -529,6 +529,41 @@ def eval_throughput(args):
     return rows
 
 
+ZEROSHOT_EXAMPLES = {"tiny": 2, "small": 4, "gpt2": 3}  # the first N examples of each of the seven tasks
+ZEROSHOT_BATCHES = (1, 4, 16, 64)
+
+
+def zeroshot_throughput(args):
+    """zeroshot.evaluate_model end to end (the harness's task building included) in examples/s on the first
+    examples of the seven tasks: the dense model at several batch sizes, the 2:4 one at zeroshot.py's default."""
+    import zeroshot
+
+    limit, default = ZEROSHOT_EXAMPLES[args.preset_name], zeroshot.DEFAULT_BATCH_SIZE
+    dense, masks = (args.bench.trainer(name).model for name in ("dense", "masks"))
+    runs = {f"dense, batch {b}": (dense, b) for b in ZEROSHOT_BATCHES}
+    runs[f"2:4 masks, batch {default}"] = (masks, default)
+    last = {}
+
+    def call(name):
+        model, batch = runs[name]
+        last[name] = zeroshot.evaluate_model(model, limit=limit, batch_size=batch, device=args.device)
+    times = interleaved({name: (lambda name=name: call(name)) for name in runs}, args.repeats, args.warmup,
+                        args.device)
+    baseline = f"dense, batch {default}"
+    accs = {name: {t: r["acc"] for t, r in z["tasks"].items()} for name, z in last.items()}
+    rows = []
+    for name, (_, batch) in runs.items():
+        z, t = last[name], times[name]
+        rows.append(dict(model=name.split(",")[0], batch_size=batch, examples=z["examples"], requests=z["requests"],
+                         examples_per_s=round(z["examples"] / statistics.median(t), 2),
+                         examples_per_s_min=round(z["examples"] / max(t), 2),
+                         examples_per_s_max=round(z["examples"] / min(t), 2),
+                         scoring_share=round(z["scoring_seconds"] / z["seconds"], 2),
+                         **paired_ratio(t, times[baseline], f"time_vs_batch_{default}"),
+                         same_acc_as_baseline=accs[name] == accs[baseline] if name.startswith("dense") else ""))
+    return rows
+
+
 def prepare_inputs(kind):
     """(files, extra prepare.py flags) for the C4 prepare benchmark, or None without the shared data."""
     root = default_data_root()
@@ -794,6 +829,7 @@ SECTION_TRAINERS = {
     "components": ("dense", "masks", "masks+srste", "masks+distill", "masks+srste+slorb", "masks+srste+slorb_tp"),
     "mask_recompute": ("masks",),
     "eval_throughput": ("dense", "masks"),
+    "zeroshot_throughput": ("dense", "masks"),
     "profile": ("masks+srste+slorb", "all"),
 }
 
@@ -806,6 +842,7 @@ SECTIONS = {
     "components": components,
     "mask_recompute": mask_recompute,
     "eval_throughput": eval_throughput,
+    "zeroshot_throughput": zeroshot_throughput,
     "profile": profile,
     "train_step_bf16": train_step_bf16,
     "semi_structured": semi_structured,

@@ -112,6 +112,10 @@ class TrainConfig:
     eval_iters: int = opt(100, "C4 validation batches per evaluation")
     ppl_windows: int = opt(0, "WikiText-2 windows per evaluation (0 = the full test set)")
     eval_only: bool = opt(False, "evaluate the student (or init_from checkpoint) once and exit")
+    zeroshot_tasks: str = opt("", "zero-shot accuracy of the final model (lm-evaluation-harness, as zeroshot.py) on "
+                                  "these comma-separated tasks into results.json, e.g. boolq,rte,hellaswag,"
+                                  "winogrande,arc_easy,arc_challenge,openbookqa ('' = none)")
+    zeroshot_limit: int = opt(0, "--zeroshot_tasks on the first N examples of each task only (0 = the full splits)")
     log_interval: int = opt(10, "steps between console/metrics log lines")
     always_save_checkpoint: bool = opt(True, "save ckpt.pt at every evaluation, not only when val improves")
     progress: bool = opt(True, "show a tqdm progress bar")
@@ -231,7 +235,7 @@ def validate(cfg: TrainConfig):
         if getattr(cfg, name) < 1 and not (name == "max_iters" and cfg.eval_only):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads",
-                 "distill_chunk_size"):
+                 "distill_chunk_size", "zeroshot_limit"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
     if cfg.srste_decay < 0 or cfg.learning_rate < 0 or cfg.min_lr < 0:

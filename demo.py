@@ -22,22 +22,27 @@ from cli import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# --zeroshot is off by default (README, Demo, zero-shot): measured on the default preset's models, the first 500
+# examples per task take about 45 s per model (10 models: + 8 min, past the budget), and the pretrained teacher
+# scores no better than the same network at random initialisation (mean acc 31.8 vs 32.5, ± about 1).
+ZEROSHOT_DEFAULT = False
+ZS_LIMIT_DEFAULT = 500
 # teacher: its shape and pretraining; retrain: the budget every trained method gets (same for all of them).
 PRESETS = {
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, teacher_iters=6, teacher_lr=3e-3,
                  retrain_iters=4, retrain_lr=1e-3, eval_interval=4, eval_iters=2, ppl_windows=4, calib=8,
-                 threads=1),
+                 threads=1, zeroshot_limit=2),
     # Sized on the 2-core development CPU (README, "Demo", sizing table). The lm_head over GPT-2's 50257 tokens
     # costs the same whatever the blocks are, so a narrow teacher with several blocks is the cheap way to make the
     # blocks matter: after 1.5M tokens one-shot 2:4 magnitude pruning costs 8 x 32 blocks 56 % in perplexity,
     # 12 x 32 34 %, 4 x 32 29 %, 4 x 64 16 %; 12 x 32 after 0.5M tokens only 14 %.
     "default": dict(n_layer=8, n_head=4, n_embd=32, block_size=128, batch_size=8, teacher_iters=1500,
                     teacher_lr=5e-3, retrain_iters=100, retrain_lr=1e-3, eval_interval=50, eval_iters=10,
-                    ppl_windows=200, calib=32, threads=2),
+                    ppl_windows=200, calib=32, threads=2, zeroshot_limit=ZS_LIMIT_DEFAULT),
     # The same recipe with twice the pretraining, four times the retraining and the full WikiText-2 test set.
     "full": dict(n_layer=8, n_head=4, n_embd=32, block_size=128, batch_size=8, teacher_iters=3000,
                  teacher_lr=5e-3, retrain_iters=400, retrain_lr=1e-3, eval_interval=200, eval_iters=40,
-                 ppl_windows=0, calib=64, threads=2),
+                 ppl_windows=0, calib=64, threads=2, zeroshot_limit=0),
 }
 
 # method -> (training?, main.py / prune.py flags). All trained sparse methods start from the teacher's weights.
@@ -196,6 +201,43 @@ class Demo:
                    f"{d}/results.json")
         return d
 
+    def zeroshot(self, teacher):
+        """--zeroshot: every method's final model through zeroshot.py (the first zeroshot_limit examples of each
+        of the seven tasks; 0 = all), as the paper's second table with chance level and each stage's time."""
+        from results import ZEROSHOT_COLUMNS
+
+        limit = self.p["zeroshot_limit"]
+        runs = {}
+        for key in ["teacher", *METHODS]:
+            model = teacher if key == "teacher" else \
+                f"{self.out}/{key}/{'model.pt' if METHODS[key][0] == 'prune' else 'ckpt.pt'}"
+            out = f"{self.out}/{key}_zeroshot.json" if key == "teacher" else f"{self.out}/{key}/zeroshot.json"
+            self.stage(f"zeroshot_{key}", self.py("zeroshot.py", "--model", model, "--limit", limit, "--device", "cpu",
+                                                  "--num_threads", self.p["threads"], "--out", out), out)
+            with open(out) as f:
+                runs[key] = json.load(f)["zeroshot"]
+        tasks = runs["teacher"]["tasks"]
+        columns = [(k, f"{c}{'*' if tasks[k]['approximate'] else ''} (chance {100 * tasks[k]['chance']:.1f})")
+                   for k, c in ZEROSHOT_COLUMNS]
+        lines = [f"Zero-shot acc in % ± the harness's standard error, 0-shot, {runs['teacher']['harness']}, on "
+                 + (f"the first {limit} examples of each task" if limit else "the full splits")
+                 + "; chance = a uniform guess among each example's choices.", "",
+                 "| Method | " + " | ".join(c for _, c in columns) + " | Mean | zero-shot time |",
+                 "|---" * (len(columns) + 3) + "|"]
+        for key, z in runs.items():
+            rows = [z["tasks"][k] for k, _ in columns]
+            cells = [f"{100 * t['acc']:.1f}" + (f" ± {100 * t['acc_stderr']:.1f}" if t["acc_stderr"] else "")
+                     for t in rows]
+            lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + f" | {100 * z['mean_acc']:.1f} | "
+                         f"{self.timings.get(f'zeroshot_{key}', 0):.0f} s |")
+        if any(t["approximate"] for t in tasks.values()):
+            lines += ["", "* HellaSwag from the approximate fallback file (see zeroshot.py), not harness-exact."]
+        md = "\n".join(lines)
+        with open(f"{self.out}/results.md", "a") as f:
+            f.write("\n" + md + "\n")
+        print("\n" + md)
+        return {key: z["tasks"] for key, z in runs.items()}
+
     def gap_only(self, teacher):
         d = self.prune("oneshot_magnitude", METHODS["oneshot_magnitude"][1], teacher)
         dense = json.load(open(f"{self.out}/teacher_eval.json"))["wikitext_ppl"]
@@ -280,6 +322,8 @@ def main(argv=None):
                    help="override one preset setting, e.g. --set n_layer=4 (repeatable; for sizing studies)")
     p.add_argument("--gap_only", action="store_true",
                    help="stop after the teacher and one-shot 2:4 magnitude pruning; print the perplexity gap")
+    p.add_argument("--zeroshot", type=cli.parse_bool, default=ZEROSHOT_DEFAULT,
+                   help="also the zero-shot table (zeroshot.py on every method's model; README, Demo)")
     args = p.parse_args(argv)
     t0 = time.time()
     demo = Demo(args)
@@ -290,6 +334,10 @@ def main(argv=None):
         return demo.gap_only(teacher)
     demo.run_methods(teacher)
     summary = demo.table()
+    if args.zeroshot:
+        summary["zeroshot"] = demo.zeroshot(teacher)
+        with open(f"{demo.out}/results.json", "w") as f:
+            json.dump(summary, f, indent=2)
     print(f"demo finished in {time.time() - t0:.0f} s (this invocation)")
     return summary
 

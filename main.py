@@ -239,6 +239,9 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
     if cfg.global_batch_size % per_step:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} is not divisible by --batch_size "
                         f"{cfg.batch_size} x {rt.world_size} ranks; pick sizes where it divides")
+    if cfg.zeroshot_tasks:  # task names and files checked now; scored on the final model in finish()
+        import zeroshot
+        zeroshot.task_files(zeroshot.parse_tasks(cfg.zeroshot_tasks))
     sampler = GlobalBatchSampler(len(train_data), cfg.block_size, cfg.global_batch_size, cfg.seed)
 
     # ---- model, teacher, optimizer (same seed on every rank: identical initial state everywhere)
@@ -400,6 +403,15 @@ def finish(run: Run, rt: Runtime, val, ppl):
               "train_seconds": round(run.seconds(), 2),
               **sparsity_report(run.raw, all_reduce_sum=rt.all_reduce_sum if sharded else None),
               "config": asdict(cfg)}
+    if cfg.zeroshot_tasks and (rt.master or sharded):
+        # lm-evaluation-harness on the final model in memory, as zeroshot.py; a sharded model's forwards are
+        # collectives, so every rank then scores the same requests
+        import zeroshot
+        result["zeroshot"] = zeroshot.evaluate_model(run.raw, cfg.zeroshot_tasks, cfg.zeroshot_limit,
+                                                     cfg.batch_size, rt.device, rt.ctx,
+                                                     progress=cfg.progress and rt.master)
+        if rt.master:
+            print(zeroshot.report(result["zeroshot"]))
     if rt.master:
         with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)

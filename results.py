@@ -1,12 +1,16 @@
-"""Collect the evaluation JSON of several runs into the paper's table (Markdown, and optionally JSON).
+"""Collect the evaluation JSON of several runs into the paper's tables (Markdown, and optionally JSON).
 
     python results.py --label Dense=out/dense.json --label SparseGPT=out/sparsegpt.json out/gmp out/ast_naive
+    python results.py --label Dense=out/zs_dense.json --label AST=out/zs_ast.json      # zeroshot.py --out files
 
-Reads main.py's results.json (give the file or its out_dir), prune.py --results files and evaluate.py --out
-files. A row is named by its --label NAME=PATH, else by its folder (results.json) or file name. Rows appear in
-the order given: --label rows first, then the plain paths. What a row says about the model (its pattern, SLoRB,
-non-zero parameters) is what the evaluated model itself was (evaluate.sparsity_report), never the flags of the
-run; only the training procedure (AST, GMP, IMP, distillation, SR-STE) comes from the run's config.
+Reads main.py's results.json (give the file or its out_dir), prune.py --results files, evaluate.py --out and
+zeroshot.py --out files. A row is named by its --label NAME=PATH, else by its folder (results.json) or file
+name. Rows appear in the order given: --label rows first, then the plain paths. The first table (perplexity)
+lists every run except zero-shot-only files; runs with zero-shot results (zeroshot.py, main.py
+--zeroshot_tasks) also make the paper's second table: Parameters (non-zero weights) and acc per task.
+What a row says about the model (its pattern, SLoRB, non-zero parameters) is what the evaluated model itself
+was (evaluate.sparsity_report), never the flags of the run; only the training procedure (AST, GMP, IMP,
+distillation, SR-STE) comes from the run's config.
 """
 import json
 import os
@@ -15,6 +19,9 @@ import cli
 from cli import UserError
 
 COLUMNS = ("method", "training", "WikiText-2 ppl", "C4 val loss", "tokens", "sparsity / N:M", "parameters")
+# The paper's second table: zeroshot.py's task names and the paper's column names, in the paper's order.
+ZEROSHOT_COLUMNS = (("boolq", "BoolQ"), ("rte", "RTE"), ("hellaswag", "HellaSwag"), ("winogrande", "WinoGrande"),
+                    ("arc_easy", "ARC-e"), ("arc_challenge", "ARC-c"), ("openbookqa", "OBQA"))
 
 
 def read_run(path):
@@ -109,12 +116,53 @@ def ppl_cell(run):
     return f"{ppl:.2f}" + (f" ({windows} windows)" if windows else "")
 
 
+def human_params(n):
+    """Three significant digits, as the paper writes 6.7B and 3.4B."""
+    if n is None:
+        return "–"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}" if n / scale < 100 else f"{n / scale:.0f}{suffix}"
+    return str(n)
+
+
+def zeroshot_cells(run):
+    """The second table's cells of a run with zero-shot results (acc in %, * = approximate HellaSwag)."""
+    z = run["zeroshot"]
+    tasks = z.get("tasks", {})
+    cells = {}
+    for key, column in ZEROSHOT_COLUMNS:
+        row = tasks.get(key)
+        cells[column] = "–" if row is None else f"{100 * row['acc']:.2f}" + ("*" if row.get("approximate") else "")
+
+    def mean_cell(keys):
+        accs = [tasks[k]["acc"] for k in keys if k in tasks]
+        if not accs:
+            return "–", None
+        star = "*" if any(tasks[k].get("approximate") for k in keys if k in tasks) else ""
+        shown = f" ({len(accs)} of {len(keys)})" if len(accs) < len(keys) else ""
+        return f"{100 * sum(accs) / len(accs):.2f}{star}{shown}", sum(accs) / len(accs)
+
+    keys = [k for k, _ in ZEROSHOT_COLUMNS]
+    cells["Mean"], mean = mean_cell(keys)
+    cells["Mean w/o HellaSwag"], mean_rest = mean_cell([k for k in keys if k != "hellaswag"])
+    cells["Parameters"] = human_params(run.get("params_nonzero"))
+    return cells, mean, mean_rest
+
+
 def collect(labelled, paths):
-    """One row dict per run: the table's cells plus the raw numbers."""
+    """One row dict per run: the tables' cells plus the raw numbers."""
     rows = []
     for label, path in [*labelled, *((None, p) for p in paths)]:
         file, run = read_run(path)
-        rows.append({
+        zs = {}
+        if isinstance(run.get("zeroshot"), dict):
+            cells, mean, mean_rest = zeroshot_cells(run)
+            limit = run["zeroshot"].get("limit")
+            zs = {"zeroshot_cells": cells, "zeroshot_mean": mean, "zeroshot_mean_without_hellaswag": mean_rest,
+                  "zeroshot_limit": limit, "zeroshot": run["zeroshot"].get("tasks"),
+                  "params_nonzero": run.get("params_nonzero"), "harness": run["zeroshot"].get("harness")}
+        rows.append({**zs,
             "method": label or default_label(path, file), "training": training_of(run),
             "WikiText-2 ppl": ppl_cell(run),
             "C4 val loss": f"{run['val_loss']:.4f}" if run.get("val_loss") is not None else "–",
@@ -131,6 +179,28 @@ def collect(labelled, paths):
 def markdown(rows):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def first_table_rows(rows):
+    """Every run but a zero-shot-only file (no perplexity, no validation loss): that one has no cells here."""
+    return [r for r in rows if not (r.get("zeroshot_cells") and r["wikitext_ppl"] is None and r["val_loss"] is None)]
+
+
+def zeroshot_markdown(rows):
+    """The paper's second table, with what every number is underneath."""
+    columns = ["Models", "Parameters", *(c for _, c in ZEROSHOT_COLUMNS), "Mean", "Mean w/o HellaSwag"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        name = row["method"] + (f" (first {row['zeroshot_limit']} per task)" if row["zeroshot_limit"] else "")
+        cells = {"Models": name, **row["zeroshot_cells"]}
+        lines.append("| " + " | ".join(cells[c] for c in columns) + " |")
+    harnesses = ", ".join(sorted({r["harness"] for r in rows if r.get("harness")})) or "lm-evaluation-harness"
+    lines += ["", f"0-shot acc (unnormalised, the metric of AST's and Wanda's tables) in %, {harnesses}; "
+              "Parameters: non-zero weights; Mean: over the task columns a run has."]
+    if any("*" in row["zeroshot_cells"]["HellaSwag"] for row in rows):
+        lines.append("* HellaSwag from the approximate fallback file (other preprocessing than the harness's, "
+                     "see zeroshot/hellaswag/PROVENANCE.md): not harness-exact, and so is any mean that includes it.")
     return "\n".join(lines)
 
 
@@ -151,7 +221,9 @@ def main(argv=None):
     if not labelled and not args.paths:
         raise UserError("no runs given: pass results files or folders, or --label NAME=PATH")
     rows = collect(labelled, args.paths)
-    table = markdown(rows)
+    tables = [markdown(first) for first in [first_table_rows(rows)] if first]
+    tables += [zeroshot_markdown(zs) for zs in [[r for r in rows if r.get("zeroshot_cells")]] if zs]
+    table = "\n\n".join(tables)
     print(table)
     if args.json:
         with open(args.json, "w") as f:
