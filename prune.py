@@ -146,9 +146,15 @@ def run_block(block, x, calls, batch_size):
     return x
 
 
-def relative_error(out, target):
-    """‖out − target‖² / ‖target‖²: the share of the dense output's energy the pruned block gets wrong."""
-    return float((out.double() - target.double()).pow(2).sum() / target.double().pow(2).sum().clamp_min(1e-30))
+def relative_error(out, target, batch_size=8):
+    """‖out − target‖² / ‖target‖²: the share of the dense output's energy the pruned block gets wrong (summed in
+    float64 a few windows at a time, so no float64 copy of a whole block's activations is made)."""
+    num = den = 0.0
+    for s in batches(len(out), batch_size):
+        t = target[s].double()
+        num += float((out[s].double() - t).pow(2).sum())
+        den += float(t.pow(2).sum())
+    return num / max(den, 1e-30)
 
 
 @torch.no_grad()
@@ -220,7 +226,7 @@ def train_part(part, inputs, targets, cfg, generator):
     the pruned weights no gradient, so Adam leaves them where they are (exactly zero once pruning finishes)."""
     layers = [layer for module in part.modules for _, layer in sparse_layers(module)]
     params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-    saved = [(layer.ste, layer.weight.requires_grad) for layer in layers]
+    saved_ste, saved_grad = [layer.ste for layer in layers], [p.requires_grad for p in params]
     for layer in layers:
         layer.ste = False
     for p in params:
@@ -236,8 +242,10 @@ def train_part(part, inputs, targets, cfg, generator):
                     loss.backward()
                     optimizer.step()
     finally:
-        for layer, (ste, grad) in zip(layers, saved):
+        for layer, ste in zip(layers, saved_ste):
             layer.ste = ste
+        for p, grad in zip(params, saved_grad):
+            p.requires_grad_(grad)
         for module in part.modules:
             for p in module.parameters():
                 p.grad = None
@@ -310,7 +318,7 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
                 row["reconstruct_seconds"] = round(time.time() - t0, 3)
                 del dense
             run_block(block, x, calls[i], batch_size)  # the pruned block's outputs feed the next block
-            row["output_error"] = relative_error(x, dense_out)
+            row["output_error"] = relative_error(x, dense_out, batch_size)
             del dense_out
             if report is not None:
                 report.append(row)
@@ -338,8 +346,9 @@ def parse_args(argv=None):
                                                      "with the model's tokenizer (needed by wanda, sparsegpt "
                                                      "and --reconstruct)")
     p.add_argument("--nsamples", type=int, default=0, help="use only the first N calibration windows (0 = all)")
-    p.add_argument("--block_size", type=int, default=1024,
-                   help="calibration windows and WikiText windows are cropped to this and to the model's context")
+    p.add_argument("--block_size", type=int, default=0,
+                   help="calibration windows are cropped to this, WikiText-2 windows and C4 validation sequences "
+                        "have this length (0 = the model's context: GPT-2 1024, OPT 2048, as Wanda/SparseGPT)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--reconstruct", type=cli.parse_bool, default=False,
                    help="after pruning each block, train its pruned attention and MLP to reproduce the dense "
@@ -382,8 +391,8 @@ def parse_args(argv=None):
                         "--input C4_FILES --tokenizer MODEL_DIR`")
     if args.sparsity == 0 and args.method == "sparsegpt" and args.blocksize % args.m:
         raise UserError(f"--blocksize {args.blocksize} must be a multiple of --m {args.m}")
-    if min(args.batch_size, args.blocksize, args.block_size) < 1 or args.nsamples < 0 or args.percdamp < 0:
-        raise UserError("--batch_size, --blocksize and --block_size must be >= 1; --nsamples, --percdamp >= 0")
+    if min(args.batch_size, args.blocksize) < 1 or min(args.block_size, args.nsamples, args.percdamp) < 0:
+        raise UserError("--batch_size and --blocksize must be >= 1; --block_size, --nsamples, --percdamp >= 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -408,7 +417,7 @@ def main(argv=None):
         check_tokenizer(meta, model, args.calibration)
     if wikitext is not None:
         check_wikitext(args.wikitext_dir, wikitext, model)
-    block_size = min(args.block_size, model.config.block_size)
+    block_size = min(args.block_size or model.config.block_size, model.config.block_size)
     val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model) if args.data_dir else None
     model.to(args.device)
     if tokens is not None:

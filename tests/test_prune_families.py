@@ -174,6 +174,15 @@ def test_each_method_is_exactly_nm_with_pruned_weights_zero_and_embeddings_untou
             assert untouched and all(torch.equal(model.state_dict()[k], dense[k]) for k in untouched)
 
 
+def test_unstructured_sparsity_per_method_on_opt(family_models, calibrations):
+    for method in prune.METHODS:
+        model = prune.prune_model(load_model(family_models["opt"]["student"]), method, sparsity=0.6,
+                                  tokens=tokens_of(calibrations["opt"]), progress=False)
+        _, rows = check_nm(model)
+        assert len(rows) == 12 and all(r["mask_type"] == prune.UNSTRUCTURED_SCOPE[method] for r in rows)
+        assert all(r["sparsity"] == pytest.approx(0.6, abs=0.01) for r in rows), method
+
+
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_export_folder_is_the_same_transformers_class_exactly_nm_after_reload(family, family_models, calibrations,
                                                                               tmp_path):
@@ -277,6 +286,37 @@ def test_pruned_opt_checkpoint_evaluates_and_resumes_training_with_identical_mas
     pairs = list(zip(sparse_layers(after), sparse_layers(model)))
     assert len(pairs) == 12 and all(torch.equal(a.mask, b.mask) for (_, a), (_, b) in pairs)
     assert any(not torch.equal(a.weight, b.weight) for (_, a), (_, b) in pairs)  # it did train
+
+
+def own_tokenizer_data(student, data_root, out):
+    """C4 train/val and WikiText-2 token files made with the model folder's own tokenizer."""
+    from data.c4_dataset import prepare as c4_prepare
+    from data.wikitext import prepare as wikitext_prepare
+
+    c4 = os.path.join(data_root, "c4", "en")
+    c4_prepare.main(["--input", os.path.join(c4, "c4-train.00000-of-01024.head1000.json.gz"), "--val_files",
+                     os.path.join(c4, "c4-validation.00000-of-00008.head1000.json.gz"), "--max_docs", "50",
+                     "--tokenizer", student, "--out_dir", str(out / "c4")])
+    wikitext_prepare.main(["--input", os.path.join(data_root, "wikitext2"), "--tokenizer", student,
+                           "--out_dir", str(out / "wikitext")])
+    return {"data_dir": str(out / "c4"), "wikitext_dir": str(out / "wikitext")}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_cli_on_llama_layout_families_evaluates_and_exports_exactly_nm(family, family_models, calibrations,
+                                                                       tiny_data, data_root, tmp_path):
+    student, out = family_models[family]["student"], str(tmp_path / "hf")
+    # transformers reads the GPT-2 files beside a qwen2 config as Qwen2's tokenizer (another pre-tokenizer):
+    # the GPT-2 token files are refused for it, so it gets data made with its own tokenizer
+    data = own_tokenizer_data(student, data_root, tmp_path) if family == "qwen2" else tiny_data
+    res = prune.main(["--model", student, "--method", "sparsegpt", "--calibration", calibrations[family], "--out", out,
+                      "--wikitext_dir", data["wikitext_dir"], "--ppl_windows", "2", "--data_dir", data["data_dir"],
+                      "--eval_iters", "2", "--device", "cpu"])
+    assert res["family"] == family and res["nm_ok"] and res["wikitext_ppl"] > 1 and res["val_loss"] > 0
+    assert res["block_size"] == 64  # the model's context: WikiText-2 windows of 64 tokens
+    hf = load_hf(out)
+    linears = [mod.weight for n, mod in hf.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
+    assert len(linears) == 14 and all(((w != 0).reshape(-1, 4).sum(-1) <= 2).all() for w in linears)
 
 
 def test_same_seed_same_bytes_and_the_seed_matters(family_models, calibrations, tmp_path):
