@@ -15,7 +15,9 @@ evaluate.py and export.py never ask which family a model is:
     model.gradient_checkpointing    settable
 
 Per family here: the linears sparsify() swaps (embeddings, norms, the head and OPT's project_in/out stay
-dense, as in AST, Wanda and SparseGPT), and loading/saving local Hugging Face folders (offline only).
+dense, as in AST, Wanda and SparseGPT), loading/saving local Hugging Face folders (offline only), and for the
+one-shot baselines (prune.py) block 0's captured inputs, one block called on them (capture_block_inputs,
+call_block) and a block's attention and MLP submodules (block_parts).
 """
 import functools
 import json

@@ -355,7 +355,9 @@ def parse_args(argv=None):
                         "submodules' outputs on the calibration windows (local reconstruction, masks fixed)")
     p.add_argument("--recon_epochs", type=int, default=Reconstruction.epochs,
                    help="reconstruction: passes over the calibration windows per submodule")
-    p.add_argument("--recon_lr", type=float, default=Reconstruction.lr, help="reconstruction: Adam learning rate")
+    p.add_argument("--recon_lr", type=float, default=Reconstruction.lr,
+                   help="reconstruction: Adam learning rate (1e-4: conservative for pretrained LLM weights, not "
+                        "tuned at that scale here; the demo's 32-wide model does best at 3e-3)")
     p.add_argument("--recon_parts", default=",".join(Reconstruction.parts),
                    help="reconstruction: which submodules of each block, comma-separated: attn, mlp")
     p.add_argument("--seed", type=int, default=0, help="reconstruction: seeds the order of the calibration batches")
