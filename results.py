@@ -124,7 +124,8 @@ def paper_table(rows):
     """Markdown of the paper's layout from rows labelled METHOD@MODEL: | Method | Training | MODEL ... |.
 
     A cell is the run's WikiText-2 perplexity (with its window count when partial); a run that is not exactly
-    N:M says so in its cell. Training is the first run's of the method (the same recipe in every column)."""
+    N:M says so in its cell. Training is the first run's of the method that says it (main.py and prune.py
+    results do, evaluate.py's do not; the same recipe in every column)."""
     methods, models, cells, training = [], [], {}, {}
     for row in rows:
         method, _, model = row["method"].rpartition("@")
@@ -134,7 +135,8 @@ def paper_table(rows):
         models += [model] if model not in models else []
         cell = row["WikiText-2 ppl"] + (" ✗ NOT N:M" if row["nm_ok"] is False else "")
         cells[method, model] = cell
-        training.setdefault(method, row["training"])
+        if training.get(method, "–") == "–":  # an evaluate.py JSON does not say how its model was made
+            training[method] = row["training"]
     lines = ["| Method | Training | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
     for method in methods:
         lines.append(f"| {method} | {training[method]} | "
