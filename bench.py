@@ -1,6 +1,7 @@
 """Benchmarks: `python bench.py --preset tiny|small|gpt2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
 
 Other flags: --variants (the training-step variants), --repeats / --warmup (the preset's by default), --out FILE.
+The prune section (prune.py's methods on a random OPT of the preset's shape) runs only when named in --only.
 
 Every compared figure is a ratio against a baseline measured in the same run, interleaved: each repeat round
 runs every variant once (A B C …, the next round C B A …, so a slow drift of the machine hits all variants
@@ -56,11 +57,13 @@ class Preset:
     prepare_inputs: str    # "c4_head": 300 documents of the C4 train head; "all": every shared web-text sample
     distill_seq_len: int   # tokens of the distill_memory section (1024 = the published setting)
     threads: int = 0       # torch CPU threads unless --threads says otherwise (0 = torch's default)
+    prune_windows: int = 8  # calibration windows (of block_size tokens) of the prune section
 
 
 PRESETS = {
     "tiny": Preset(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=2, repeats=5, warmup=1,
-                   eval_windows=4, prepare_inputs="c4_head", distill_seq_len=256, threads=1),
+                   eval_windows=4, prepare_inputs="c4_head", distill_seq_len=256, threads=1,
+                   prune_windows=4),
     "small": Preset(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=2, repeats=7, warmup=1,
                     eval_windows=4, prepare_inputs="all", distill_seq_len=1024),
     "gpt2": Preset(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=1, repeats=5, warmup=1,
@@ -235,15 +238,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict, repeats: int, warmup: int, device="cpu") -> dict:
-    """{name: [seconds per timed round]}: every round calls each fn once, alternating the order each round."""
+def interleaved(fns: dict, repeats: int, warmup: int, device="cpu", setup=None) -> dict:
+    """{name: [seconds per timed round]}: every round calls each fn once, alternating the order each round.
+
+    setup: {name: fn()} whose result fns[name] is called with, made before the clock starts (e.g. a fresh copy
+    of a model that the timed call changes)."""
     names = list(fns)
     times = {name: [] for name in names}
     for r in range(warmup + repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
+            arg = (setup[name](),) if setup and name in setup else ()
             synchronize(device)
             t0 = time.perf_counter()
-            fns[name]()
+            fns[name](*arg)
             synchronize(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
@@ -409,6 +416,63 @@ def mask_recompute(args):
         rows.append(dict(what=f"update_masks, {metric}", layers=len(layers), weights=weights,
                          **time_stats(times[metric]), **r, target=0.05, met=verdict(r["ratio_vs_step"], 0.05),
                          amortised_every_10_steps=round(r["ratio_vs_step"] / 10, 4)))
+    return rows
+
+
+PRUNE_METHODS = {  # row -> (prune.py --method, --reconstruct)
+    "magnitude": ("magnitude", False), "wanda": ("wanda", False), "sparsegpt": ("sparsegpt", False),
+    "wanda+reconstruct": ("wanda", True),
+}
+
+
+def opt_model(preset: Preset, device):
+    """A random OPT of the preset's shape (the gpt2 preset: OPT-125M's, 12 blocks x 768, ffn 3072, 12 heads),
+    run as prune.py runs it (the transformers model behind families.HFCausalLM)."""
+    import families
+
+    torch.manual_seed(0)
+    return families.from_config("opt", dict(
+        vocab_size=50272, hidden_size=preset.n_embd, word_embed_proj_dim=preset.n_embd,
+        num_hidden_layers=preset.n_layer, num_attention_heads=preset.n_head, ffn_dim=4 * preset.n_embd,
+        max_position_embeddings=preset.block_size)).to(device).eval()
+
+
+def prune_timing(args):
+    """prune.py's pruning (prune.prune_model, 2:4) per method on a random OPT of the preset's shape, interleaved
+    with one dense forward of the same calibration set: each method's seconds per block as a ratio to that whole
+    forward (the published code's cost unit). Reconstruction runs prune.py's default epochs and learning rate.
+    Loading, evaluation and saving are not timed; each call prunes a fresh copy of the dense model."""
+    import copy
+
+    import prune
+
+    p = args.preset
+    model = opt_model(p, args.device)
+    tokens = torch.randint(50272, (p.prune_windows, p.block_size), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(args.device)
+
+    @torch.no_grad()
+    def dense_forward():
+        for i in range(0, len(tokens), p.batch_size):
+            model.features(tokens[i:i + p.batch_size])
+
+    def pruner(method, recon):
+        reconstruct = prune.Reconstruction() if recon else None
+        return lambda m: prune.prune_model(m, method, tokens=tokens, batch_size=p.batch_size,
+                                           reconstruct=reconstruct, progress=False)
+
+    fns = {"dense forward": dense_forward, **{name: pruner(*how) for name, how in PRUNE_METHODS.items()}}
+    setup = {name: (lambda: copy.deepcopy(model)) for name in PRUNE_METHODS}
+    times = interleaved(fns, args.repeats, args.warmup, args.device, setup=setup)
+    blocks = p.n_layer
+    common = dict(model=f"OPT, {p.n_layer} x {p.n_embd}", windows=p.prune_windows, window=p.block_size,
+                  batch=p.batch_size)
+    rows = [dict(what="dense forward of the calibration set", **common, **time_stats(times["dense forward"]))]
+    for name in PRUNE_METHODS:
+        per_block = [t / blocks for t in times[name]]
+        rows.append(dict(what=name, **common, **time_stats(times[name]),
+                         seconds_per_block=round(statistics.median(per_block), 4),
+                         **paired_ratio(per_block, times["dense forward"], "per_block_vs_dense_forward")))
     return rows
 
 
@@ -841,12 +905,16 @@ SECTIONS = {
     "train_step": train_step,
     "components": components,
     "mask_recompute": mask_recompute,
+    "prune": prune_timing,
     "eval_throughput": eval_throughput,
     "zeroshot_throughput": zeroshot_throughput,
     "profile": profile,
     "train_step_bf16": train_step_bf16,
     "semi_structured": semi_structured,
 }
+
+# Sections a default run leaves out: prune on the gpt2 preset takes over an hour on a CPU (its reconstruction row).
+ON_REQUEST = ("prune",)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -909,8 +977,9 @@ def main(argv=None):
     parser.add_argument("--preset", default="small", choices=list(PRESETS),
                         help="model size: tiny (seconds), small (6 x 384, block 256), gpt2 (124M, block 1024), "
                              "gpt2-xl (1.5B, for GPUs)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})")
+    parser.add_argument("--only", default=",".join(n for n in SECTIONS if n not in ON_REQUEST),
+                        help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)} except "
+                             f"{', '.join(ON_REQUEST)}, which run only when named)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first rounds (default: the preset's)")

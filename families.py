@@ -15,7 +15,9 @@ evaluate.py and export.py never ask which family a model is:
     model.gradient_checkpointing    settable
 
 Per family here: the linears sparsify() swaps (embeddings, norms, the head and OPT's project_in/out stay
-dense, as in AST, Wanda and SparseGPT), and loading/saving local Hugging Face folders (offline only).
+dense, as in AST, Wanda and SparseGPT), loading/saving local Hugging Face folders (offline only), and for the
+one-shot baselines (prune.py) block 0's captured inputs, one block called on them (capture_block_inputs,
+call_block) and a block's attention and MLP submodules (block_parts).
 """
 import functools
 import os
@@ -228,3 +230,96 @@ def transformers_weight(hf, name):
     """The (out, in) weight of a block linear in a transformers model (GPT-2's Conv1D stores (in, out))."""
     w = hf.get_submodule(name).weight
     return w.t() if hf.config.model_type == "gpt2" else w
+
+
+# ------------------------------------------------------------------------------------------------ block by block
+# What the one-shot baselines (prune.py) need: block 0's inputs for the calibration windows, each block called
+# on its own with whatever the model passes it besides the hidden states, and a block's two submodules.
+class _StopForward(Exception):
+    """Raised by a capture hook once the rest of the forward pass is not needed (Wanda's Catcher does the same)."""
+
+
+@torch.no_grad()
+def capture_block_inputs(model, tokens, batch_size):
+    """(x, calls) for the block-by-block pruning loop, for any family.
+
+    x: (nsamples, seqlen, C), block 0's input hidden states for every calibration window (embeddings, OPT's
+    position embeddings and project_in included). calls[i][b]: block i's other call arguments, (args, kwargs),
+    for a batch of b windows: transformers' decoder layers take the attention mask, position ids, rotary
+    position embeddings (cos, sin), ...; GPT-2's blocks nothing. They depend only on the batch's shape (the
+    windows are unpadded and of one length), so they are recorded once per batch size.
+
+    Pre-hooks on the blocks record them without knowing the family: the first batch of each size runs the whole
+    model, so that every block records what the model passes it (a sliding-window layer of Qwen2 gets another
+    mask than a full-attention one); every other batch stops at block 0.
+    """
+    blocks = list(model.blocks)
+    hidden, calls = [], [{} for _ in blocks]
+    stop = False
+
+    def recorder(i):
+        def hook(module, args, kwargs):
+            if args:
+                x, args = args[0], args[1:]
+            else:  # hidden states passed by name
+                kwargs = dict(kwargs)
+                x = kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(x)
+            calls[i].setdefault(len(x), (args, kwargs))
+            if stop:
+                raise _StopForward
+        return hook
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        for i in range(0, len(tokens), batch_size):
+            batch = tokens[i:i + batch_size]
+            stop = len(batch) in calls[-1]  # every block's arguments for this batch size are known already
+            try:
+                model.features(batch)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(hidden), calls
+
+
+def call_block(block, x, calls):
+    """block(x) with the arguments the model passes it for a batch of len(x) windows (capture_block_inputs).
+
+    transformers >= 5 decoder layers return the hidden states, 4.x a tuple (hidden states, ...): both work.
+    """
+    args, kwargs = calls[len(x)]
+    out = block(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Part:
+    """A submodule of a block (its attention or its MLP), for local reconstruction after pruning.
+
+    `entry` is the module whose input (args, kwargs) is the submodule's input (a pre-hook there captures it);
+    run(args, kwargs) computes the submodule's output from that input (before the residual add);
+    `modules` hold the linears reconstruction may change.
+    """
+    entry: nn.Module
+    run: object
+    modules: list
+
+
+def block_parts(model, block) -> dict:
+    """{"attn": Part, "mlp": Part} of one block of this model's family (norms and residuals stay outside)."""
+    attn = block.attn if model.family == "gpt2" else block.self_attn
+    parts = {"attn": Part(attn, lambda args, kwargs: _first(attn(*args, **kwargs)), [attn])}
+    if model.family == "opt":  # OPT's MLP is fc1 -> activation -> fc2, held by the layer itself
+        parts["mlp"] = Part(block.fc1, lambda args, kwargs: block.fc2(block.activation_fn(block.fc1(*args))),
+                            [block.fc1, block.fc2])
+    else:
+        parts["mlp"] = Part(block.mlp, lambda args, kwargs: block.mlp(*args, **kwargs), [block.mlp])
+    return parts

@@ -1,29 +1,48 @@
-r"""One-shot pruning baselines (no training): magnitude, Wanda and SparseGPT, to N:M or unstructured sparsity.
+r"""One-shot pruning baselines (no training): magnitude, Wanda and SparseGPT, to N:M or unstructured sparsity, for
+every model family (gpt2, opt, llama, mistral, qwen2), optionally followed by local reconstruction.
 
-    python prune.py --model gpt2 --method sparsegpt --n 2 --m 4 \
-        --calibration data/c4_dataset/calibration_n128_len1024_seed0.pt --out out/sparsegpt.pt
+    python prepare_calibration_data.py --tokenizer opt-125m --seqlen 2048 --input C4_TRAIN_SHARD --out calib.pt
+    python prune.py --model opt-125m --method sparsegpt --n 2 --m 4 --calibration calib.pt --out out/sparsegpt.pt
 
-Wanda and SparseGPT run as their published code does: the calibration windows go through the model block
-by block; each block's four linears (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj) are pruned from the
-inputs captured in ONE dense forward of that block (so attn.c_proj and the MLP linears see inputs made by the
-still-dense earlier linears of the same block), then the block's outputs are recomputed with the pruned block
-and become the next block's inputs. Later blocks therefore see the errors of the already-pruned earlier
-blocks. Only one block's activations (nsamples, seqlen, n_embd) are held at a time. Magnitude needs no data.
+Wanda and SparseGPT run as their published code does. Block 0's inputs for the calibration windows are captured
+once, with whatever the family's blocks take besides the hidden states (attention mask, position ids, rotary
+position embeddings: families.capture_block_inputs). Then, block by block, the block's linears (GPT-2:
+attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; OPT: self_attn.q/k/v/out_proj, fc1, fc2; LLaMA-like:
+self_attn.q/k/v/o_proj, mlp.gate/up/down_proj) are pruned from the inputs captured in ONE dense forward of that
+block (so the later linears of a block see inputs made by its still-dense earlier linears), then the block's
+outputs are recomputed with the pruned block and become the next block's inputs: later blocks see the errors
+of the already-pruned earlier ones. Only one block's activations are held at a time: its inputs and the dense
+block's outputs, (nsamples, seqlen, width) each (with --reconstruct, also one submodule's inputs and targets).
+Magnitude needs no data. The per-block output error (relative MSE of the pruned block against the dense block on
+the same inputs) is reported for every method that runs the loop.
+
+--reconstruct True, after any method: local reconstruction ("A Free Lunch in LLM Compression", arXiv
+2510.14444). In each block, once its masks are set, its attention and then its MLP (--recon_parts) are trained
+for --recon_epochs epochs with Adam (--recon_lr) to reproduce the dense submodule's outputs on the same inputs
+(MSE), one calibration batch per step in an order drawn from --seed; the MLP trains on the inputs that the
+reconstructed attention gives it. Masks stay fixed and pruned weights exactly zero; the kept weights and the
+biases of the submodule's linears change, norms, embeddings and the head do not. The targets are the dense
+submodule on the pruned model's own inputs, so each submodule repairs its own pruning error (not the drift
+accumulated before it). It is fitted on the calibration windows only: judge it on held-out text (WikiText-2).
 
 The result carries real SparseLinear masks (check_nm verifies them) and the pruned weights are exactly zero;
 SparseGPT also updates the kept weights (error compensation). --n counts the weights KEPT per group of --m
 (the published scripts' prune_n counts the pruned ones: the same for 2:4). A `.pt` output is a checkpoint
-that main.py `--init_from` and evaluate.py read; a folder output is a Hugging Face GPT2LMHeadModel folder
-(see export.py).
+that main.py `--init_from` and evaluate.py read; a folder output is a Hugging Face folder of the model's own
+transformers class (see export.py).
 """
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import cli
 import families
@@ -31,7 +50,8 @@ from checkpoint import load_model, model_state, save_checkpoint
 from cli import UserError
 from data.loader import BinDataset, check_tokenizer, check_wikitext, load_calibration, load_wikitext_tokens
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
-from sparsity import check_pattern, collect_input_norms, nm_mask, sparse_layers, sparsify, unstructured_mask
+from sparsity import (check_pattern, collect_input_norms, dense_forward, nm_mask, sparse_layers, sparsify,
+                      unstructured_mask)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # Where each method ranks weights when pruning to an unstructured --sparsity, as in its published code:
@@ -93,49 +113,183 @@ def sparsegpt_layer(weight, H, n=2, m=4, sparsity=0.0, blocksize=128, percdamp=0
 
 
 class HessianHook:
-    """Accumulates H = (2 / nsamples) Σ_tokens x xᵀ of a layer's inputs, averaged as published (running mean
-    over calibration sequences, so H does not grow with the data)."""
+    """Accumulates H = (2 / tokens) Σ_tokens x xᵀ of a layer's inputs as a running mean (H does not grow with the
+    data). The published code divides by the number of sequences instead, i.e. its H is ours times seqlen;
+    SparseGPT's result does not depend on H's scale (the dampening is a fraction of mean diag(H) and the
+    updates use ratios of H⁻¹'s entries). Counting rows, not sequences, keeps that true for OPT's fc1/fc2,
+    which see their inputs flattened to (batch·seqlen, C)."""
 
     def __init__(self, layer):
         self.H = torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
-        self.nsamples = 0
+        self.rows = 0
         self.handle = layer.register_forward_pre_hook(self)
 
     def __call__(self, layer, inputs):
-        x = inputs[0].detach()
-        batch = x.shape[0] if x.dim() == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.H *= self.nsamples / (self.nsamples + batch)
-        self.nsamples += batch
-        x = math.sqrt(2 / self.nsamples) * x
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        self.H *= self.rows / (self.rows + len(x))
+        self.rows += len(x)
+        x = math.sqrt(2 / self.rows) * x
         self.H += x.t() @ x
 
 
 # ------------------------------------------------------------------------------------------------ the model
-@torch.no_grad()
-def embed(model, tokens, batch_size):
-    """Block 0's inputs for every calibration window: token + position embeddings, (nsamples, seqlen, C)."""
-    pos = torch.arange(tokens.shape[1], device=tokens.device)
-    return torch.cat([model.transformer.wte(tokens[i:i + batch_size]) + model.transformer.wpe(pos)
-                      for i in range(0, len(tokens), batch_size)])
+def batches(n, batch_size):
+    """Slices of the calibration windows, the same ones at every pass (block arguments are keyed by their size)."""
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 @torch.no_grad()
-def run_block(block, x, batch_size):
+def run_block(block, x, calls, batch_size):
     """Replace x (nsamples, seqlen, C) by block(x), batch by batch, in place (each row depends only on itself)."""
-    for i in range(0, len(x), batch_size):
-        x[i:i + batch_size] = block(x[i:i + batch_size])
+    for s in batches(len(x), batch_size):
+        x[s] = families.call_block(block, x[s], calls)
     return x
 
 
+def relative_error(out, target, batch_size=8):
+    """‖out − target‖² / ‖target‖²: the share of the dense output's energy the pruned block gets wrong (summed in
+    float64 a few windows at a time, so no float64 copy of a whole block's activations is made)."""
+    num = den = 0.0
+    for s in batches(len(out), batch_size):
+        t = target[s].double()
+        num += float((out[s].double() - t).pow(2).sum())
+        den += float(t.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+@torch.no_grad()
+def prune_block(block, method, x, calls, n, m, sparsity, batch_size, blocksize, percdamp):
+    """Set the masks of one block's linears (SparseGPT: and its weights) from ONE dense forward of its inputs x,
+    as published; returns that forward's outputs, the dense block's outputs on x."""
+    layers = sparse_layers(block)
+    dense_out = torch.empty_like(x)
+    hooks = {name: HessianHook(layer) for name, layer in layers} if method == "sparsegpt" else {}
+    stats = collect_input_norms(block) if method == "wanda" else contextlib.nullcontext()
+    try:
+        with dense_forward(block), stats:  # Wanda: Σ x_j² of every linear of the block
+            for s in batches(len(x), batch_size):
+                dense_out[s] = families.call_block(block, x[s], calls)
+    finally:
+        for hook in hooks.values():
+            hook.handle.remove()
+    for name, layer in layers:
+        if method == "wanda":
+            layer.init_mask_and_slorb()
+        elif method == "sparsegpt":
+            new, keep = sparsegpt_layer(layer.weight, hooks.pop(name).H, n, m, sparsity, blocksize, percdamp)
+            layer.weight.copy_(new)
+            layer.mask.copy_(keep)
+            layer.init_mask.copy_(keep)
+    return dense_out  # magnitude: the masks were set from |W| already
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+@dataclass
+class Reconstruction:
+    """Local reconstruction after one-shot pruning ("A Free Lunch in LLM Compression", arXiv 2510.14444): each
+    pruned submodule is trained to reproduce the dense submodule's outputs on the same inputs."""
+    epochs: int = 10
+    lr: float = 1e-4
+    parts: tuple = ("attn", "mlp")
+    seed: int = 0
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_part_inputs(block, part, x, calls, batch_size):
+    """[(args, kwargs)] of the part's entry module, one per calibration batch, from the block run on x (the
+    forward stops at the entry: nothing after it is needed)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Captured
+
+    handle = part.entry.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for s in batches(len(x), batch_size):
+            try:
+                families.call_block(block, x[s], calls)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def train_part(part, inputs, targets, cfg, generator):
+    """Adam on the part's sparse linears (weights and biases) for cfg.epochs epochs of MSE against the targets,
+    one calibration batch per step in a seeded order. Masks stay fixed; the masked forward (ste off) gives
+    the pruned weights no gradient, so Adam leaves them where they are (exactly zero once pruning finishes)."""
+    layers = [layer for module in part.modules for _, layer in sparse_layers(module)]
+    params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    saved_ste, saved_grad = [layer.ste for layer in layers], [p.requires_grad for p in params]
+    for layer in layers:
+        layer.ste = False
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    try:
+        with torch.enable_grad():
+            for _ in range(cfg.epochs):
+                for j in torch.randperm(len(inputs), generator=generator).tolist():
+                    args, kwargs = inputs[j]
+                    loss = F.mse_loss(part.run(args, kwargs), targets[j])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+    finally:
+        for layer, ste in zip(layers, saved_ste):
+            layer.ste = ste
+        for p, grad in zip(params, saved_grad):
+            p.requires_grad_(grad)
+        for module in part.modules:
+            for p in module.parameters():
+                p.grad = None
+
+
+@torch.no_grad()
+def part_error(part, inputs, targets):
+    num = sum(float((part.run(a, k).double() - t.double()).pow(2).sum()) for (a, k), t in zip(inputs, targets))
+    return num / max(sum(float(t.double().pow(2).sum()) for t in targets), 1e-30)
+
+
+@torch.no_grad()
+def reconstruct_block(model, block, dense, x, calls, cfg, batch_size, generator):
+    """Local reconstruction of one pruned block, attention first, then the MLP on the inputs the reconstructed
+    attention gives it. `dense` is a copy of the block taken before pruning. Returns {part: [error before,
+    error after]} (relative MSE of the part's output on the calibration windows)."""
+    parts, dense_parts = families.block_parts(model, block), families.block_parts(model, dense)
+    errors = {}
+    for name in ("attn", "mlp"):
+        if name not in cfg.parts:
+            continue
+        inputs = capture_part_inputs(block, parts[name], x, calls, batch_size)
+        with dense_forward(dense):
+            targets = [dense_parts[name].run(a, k) for a, k in inputs]
+        before = part_error(parts[name], inputs, targets)
+        train_part(parts[name], inputs, targets, cfg, generator)
+        errors[name] = [before, part_error(parts[name], inputs, targets)]
+        del inputs, targets
+    return errors
+
+
+# ------------------------------------------------------------------------------------------------ the loop
 @torch.no_grad()
 def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8, blocksize=128,
-                percdamp=0.01, progress=None):
-    """Prune a dense GPT in place with magnitude, Wanda or SparseGPT; returns the model with SparseLinear masks.
+                percdamp=0.01, reconstruct=None, progress=None, report=None):
+    """Prune a dense model of any family in place with magnitude, Wanda or SparseGPT, optionally followed by local
+    reconstruction; returns the model with SparseLinear masks.
 
-    tokens: (nsamples, seqlen) calibration windows on the model's device (not needed for magnitude).
+    tokens: (nsamples, seqlen) calibration windows on the model's device (magnitude alone needs none).
     sparsity > 0 selects unstructured pruning at that sparsity instead of n:m.
+    reconstruct: a Reconstruction, or None for plain one-shot pruning.
     progress: show the per-block progress bar (None = when stderr is a terminal).
+    report: a list; one dict per block is appended (its output error against the dense block on the same inputs,
+    relative MSE, and with reconstruction each part's error before and after it).
     """
     from tqdm import tqdm
 
@@ -144,37 +298,30 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
     mask_type = "structured" if sparsity == 0 else UNSTRUCTURED_SCOPE[method]
     metric = "wanda" if method == "wanda" else "magnitude"
     model.eval()
-    if method != "magnitude" and model.family != "gpt2":
-        raise UserError(f"--method {method} runs block by block on GPT-2 models only so far; "
-                        f"for {model.family} use --method magnitude")
     # Masks start all-ones (init_masks=False) and are set block by block below; magnitude sets them all now.
     sparsify(model, n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity,
              filter_fn=families.sparse_filter(model), init_masks=method == "magnitude")
-    if method != "magnitude":
+    if method != "magnitude" or reconstruct is not None:
         if tokens is None:
-            raise UserError(f"--method {method} needs calibration data (--calibration FILE)")
-        x = embed(model, tokens, batch_size)
+            raise UserError(f"--method {method}{' with --reconstruct' if reconstruct else ''} needs calibration "
+                            "data (--calibration FILE)")
+        x, calls = families.capture_block_inputs(model, tokens, batch_size)
+        generator = torch.Generator().manual_seed(reconstruct.seed) if reconstruct else None
         disable = None if progress is None else not progress  # tqdm's None: hide the bar off a terminal
-        for block in tqdm(model.transformer.h, desc=f"{method} blocks", disable=disable):
-            layers = sparse_layers(block)
-            if method == "wanda":
-                with collect_input_norms(block):  # Σ x_j² of every linear of this block, one dense forward
-                    for i in range(0, len(x), batch_size):
-                        block(x[i:i + batch_size])
-                for _, layer in layers:
-                    layer.init_mask_and_slorb()
-            else:
-                hooks = {name: HessianHook(layer) for name, layer in layers}
-                for i in range(0, len(x), batch_size):
-                    block(x[i:i + batch_size])
-                for name, layer in layers:
-                    hooks[name].handle.remove()
-                    new, keep = sparsegpt_layer(layer.weight, hooks[name].H, n, m, sparsity, blocksize, percdamp)
-                    del hooks[name]
-                    layer.weight.copy_(new)
-                    layer.mask.copy_(keep)
-                    layer.init_mask.copy_(keep)
-            run_block(block, x, batch_size)  # the pruned block's outputs feed the next block
+        for i, block in enumerate(tqdm(model.blocks, desc=f"{method} blocks", disable=disable)):
+            dense = copy.deepcopy(block) if reconstruct else None  # the dense submodules give the targets
+            dense_out = prune_block(block, method, x, calls[i], n, m, sparsity, batch_size, blocksize, percdamp)
+            row = {"block": i}
+            if reconstruct:
+                t0 = time.time()
+                row.update(reconstruct_block(model, block, dense, x, calls[i], reconstruct, batch_size, generator))
+                row["reconstruct_seconds"] = round(time.time() - t0, 3)
+                del dense
+            run_block(block, x, calls[i], batch_size)  # the pruned block's outputs feed the next block
+            row["output_error"] = relative_error(x, dense_out, batch_size)
+            del dense_out
+            if report is not None:
+                report.append(row)
     for _, layer in sparse_layers(model):
         layer.weight.mul_(layer.mask)  # pruned weights exactly zero, whatever the method
     return model
@@ -189,22 +336,35 @@ def parse_args(argv=None):
     p.add_argument("--method", required=True, choices=METHODS,
                    help="magnitude (|W|, no data); wanda (|W|·||X_j||, statistics block by block from the "
                         "already-pruned earlier blocks, as published); sparsegpt (OBS with error "
-                        "compensation, block by block, as published)")
+                        "compensation, block by block, as published); any of them + --reconstruct True")
     p.add_argument("--n", type=int, default=2, help="keep n of every m consecutive input weights")
     p.add_argument("--m", type=int, default=4, help="group size of the n:m pattern")
     p.add_argument("--sparsity", type=float, default=0.0,
                    help="> 0: unstructured pruning at this sparsity instead of n:m (ranked per layer for "
                         "magnitude, per output row for wanda, per block of columns for sparsegpt)")
-    p.add_argument("--calibration", default="", help="calibration file from prepare_calibration_data.py "
-                                                     "(needed by wanda and sparsegpt)")
+    p.add_argument("--calibration", default="", help="calibration file from prepare_calibration_data.py, made "
+                                                     "with the model's tokenizer (needed by wanda, sparsegpt "
+                                                     "and --reconstruct)")
     p.add_argument("--nsamples", type=int, default=0, help="use only the first N calibration windows (0 = all)")
-    p.add_argument("--block_size", type=int, default=1024,
-                   help="calibration windows and WikiText windows are cropped to this and to the model's context")
+    p.add_argument("--block_size", type=int, default=0,
+                   help="calibration windows are cropped to this, WikiText-2 windows and C4 validation sequences "
+                        "have this length (0 = the model's context: GPT-2 1024, OPT 2048, as Wanda/SparseGPT)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--reconstruct", type=cli.parse_bool, default=False,
+                   help="after pruning each block, train its pruned attention and MLP to reproduce the dense "
+                        "submodules' outputs on the calibration windows (local reconstruction, masks fixed)")
+    p.add_argument("--recon_epochs", type=int, default=Reconstruction.epochs,
+                   help="reconstruction: passes over the calibration windows per submodule")
+    p.add_argument("--recon_lr", type=float, default=Reconstruction.lr,
+                   help="reconstruction: Adam learning rate (1e-4: conservative for pretrained LLM weights, not "
+                        "tuned at that scale here; the demo's 32-wide model does best at 3e-3)")
+    p.add_argument("--recon_parts", default=",".join(Reconstruction.parts),
+                   help="reconstruction: which submodules of each block, comma-separated: attn, mlp")
+    p.add_argument("--seed", type=int, default=0, help="reconstruction: seeds the order of the calibration batches")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT: columns per lazy-update block")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT: dampening, fraction of mean diag(H)")
     p.add_argument("--out", default="", help="a .pt path writes a checkpoint (main.py --init_from, evaluate.py); "
-                                             "any other path writes a Hugging Face GPT-2 folder")
+                                             "any other path writes a Hugging Face folder of the model's class")
     p.add_argument("--tokenizer_dir", default="", help="folder out: copy the tokenizer from here (see export.py)")
     p.add_argument("--wikitext_dir", default="data/wikitext", help="folder with test.bin ('' to skip perplexity)")
     p.add_argument("--ppl_windows", type=int, default=0, help="first N WikiText-2 windows only (0 = all)")
@@ -220,13 +380,21 @@ def parse_args(argv=None):
         raise UserError(str(e)) from None
     if not 0.0 <= args.sparsity < 1.0:
         raise UserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.method != "magnitude" and not args.calibration:
-        raise UserError(f"--method {args.method} needs --calibration FILE: make one with "
-                        "`python prepare_calibration_data.py --input C4_FILES`")
+    parts = tuple(p for p in args.recon_parts.split(",") if p)
+    if not parts or any(p not in Reconstruction.parts for p in parts):
+        raise UserError(f"--recon_parts {args.recon_parts!r}: choose from {', '.join(Reconstruction.parts)}")
+    if args.recon_epochs < 1 or args.recon_lr <= 0:
+        raise UserError("--recon_epochs must be >= 1 and --recon_lr > 0")
+    args.reconstruction = Reconstruction(args.recon_epochs, args.recon_lr, parts, args.seed) \
+        if args.reconstruct else None
+    if (args.method != "magnitude" or args.reconstruct) and not args.calibration:
+        what = f"--method {args.method}" + (" --reconstruct True" if args.reconstruct else "")
+        raise UserError(f"{what} needs --calibration FILE: make one with `python prepare_calibration_data.py "
+                        "--input C4_FILES --tokenizer MODEL_DIR`")
     if args.sparsity == 0 and args.method == "sparsegpt" and args.blocksize % args.m:
         raise UserError(f"--blocksize {args.blocksize} must be a multiple of --m {args.m}")
-    if min(args.batch_size, args.blocksize, args.block_size) < 1 or args.nsamples < 0 or args.percdamp < 0:
-        raise UserError("--batch_size, --blocksize and --block_size must be >= 1; --nsamples, --percdamp >= 0")
+    if min(args.batch_size, args.blocksize) < 1 or min(args.block_size, args.nsamples, args.percdamp) < 0:
+        raise UserError("--batch_size and --blocksize must be >= 1; --block_size, --nsamples, --percdamp >= 0")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -236,10 +404,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    t0 = time.time()
     # every input is read before the model is pruned: a wrong path fails fast, not after the work
     tokens = meta = None
-    if args.method != "magnitude":
+    if args.method != "magnitude" or args.reconstruct:
         tokens, meta = load_calibration(args.calibration)
         if args.nsamples > len(tokens):
             raise UserError(f"--nsamples {args.nsamples} but {args.calibration} holds only {len(tokens)} windows")
@@ -252,35 +419,50 @@ def main(argv=None):
         check_tokenizer(meta, model, args.calibration)
     if wikitext is not None:
         check_wikitext(args.wikitext_dir, wikitext, model)
-    block_size = min(args.block_size, model.config.block_size)
+    block_size = min(args.block_size or model.config.block_size, model.config.block_size)
     val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model) if args.data_dir else None
     model.to(args.device)
     if tokens is not None:
         tokens = tokens[:, :block_size].to(args.device)  # windows longer than the context are cropped
+    blocks = []
+    t0 = time.time()
     try:
         prune_model(model, args.method, args.n, args.m, args.sparsity, tokens, args.batch_size, args.blocksize,
-                    args.percdamp)
+                    args.percdamp, reconstruct=args.reconstruction, report=blocks)
     except ValueError as e:  # a pattern that does not fit the model's widths
         raise UserError(str(e)) from None
     prune_seconds = time.time() - t0
     report = sparsity_report(model)
-    result = {"model": args.model, "method": args.method, "training": False, "tokens": 0,
+    recon = args.reconstruction
+    result = {"model": args.model, "family": model.family, "method": args.method, "training": False, "tokens": 0,
               "pattern": f"{args.n}:{args.m}" if args.sparsity == 0 else f"unstructured {args.sparsity}",
               "n": args.n, "m": args.m, "sparsity": args.sparsity, **report,
               "calibration": args.calibration or None, "nsamples": None if tokens is None else len(tokens),
               "seqlen": None if tokens is None else tokens.shape[1],
+              "reconstruct": None if recon is None else {"epochs": recon.epochs, "lr": recon.lr,
+                                                         "parts": list(recon.parts), "seed": recon.seed},
               "prune_seconds": round(prune_seconds, 2), "block_size": block_size}
     if args.method == "sparsegpt":
         result.update(blocksize=args.blocksize, percdamp=args.percdamp)
-    print(f"{args.method} {result['pattern']}: {report['sparse_layers']} layers, mean sparsity "
-          f"{report['mean_sparsity']:.4f}, N:M ok {report['nm_ok']}, {prune_seconds:.1f} s")
+    if blocks:
+        errors = [row["output_error"] for row in blocks]
+        result.update(block_output_error=errors, mean_block_output_error=sum(errors) / len(errors), blocks=blocks)
+    if recon is not None:
+        result["reconstruct_seconds"] = round(sum(row["reconstruct_seconds"] for row in blocks), 2)
+    what = args.method + (" + reconstruction" if recon else "")
+    print(f"{what} {result['pattern']}: {report['sparse_layers']} layers, mean sparsity "
+          f"{report['mean_sparsity']:.4f}, N:M ok {report['nm_ok']}, {prune_seconds:.1f} s"
+          + (f" ({result['reconstruct_seconds']:.1f} s of it reconstruction)" if recon else ""))
+    if blocks:
+        print(f"block output error vs the dense block (relative MSE on the calibration windows): mean "
+              f"{result['mean_block_output_error']:.4g}, per block " + " ".join(f"{e:.3g}" for e in errors))
     if args.out:
         if args.out.endswith(".pt"):
             save_checkpoint({**model_state(model), "prune": {**result, "calibration_meta": meta}}, args.out)
         else:
             from export import export_model
             export_model(model, args.out, tokenizer_dirs=[args.tokenizer_dir, args.model],
-                         source=f"prune.py --method {args.method} --model {args.model}")
+                         source=f"prune.py --method {args.method} --reconstruct {bool(recon)} --model {args.model}")
         result["out"] = args.out
         print(f"wrote {args.out}")
     model.eval()

@@ -11,6 +11,10 @@ lists every run except zero-shot-only files; runs with zero-shot results (zerosh
 What a row says about the model (its pattern, SLoRB, non-zero parameters) is what the evaluated model itself
 was (evaluate.sparsity_report), never the flags of the run; only the training procedure (AST, GMP, IMP,
 distillation, SR-STE) comes from the run's config.
+
+The paper's layout (methods as rows, models as columns, WikiText-2 perplexity in the cells) comes from labels
+METHOD@MODEL, e.g. `--label SparseGPT@OPT-125M=out/opt125m/sparsegpt.json`; rows and columns keep the order in
+which their first label appears, and a cell no run fills is "–".
 """
 import json
 import os
@@ -62,7 +66,7 @@ def training_of(run):
             what.append("SR-STE")
         return f"yes ({' + '.join(what)})"
     if run.get("training") is False or "method" in run:  # prune.py
-        return f"no ({run.get('method', 'one-shot')})"
+        return f"no ({run.get('method', 'one-shot')}{' + reconstruction' if run.get('reconstruct') else ''})"
     return "–"
 
 
@@ -204,6 +208,30 @@ def zeroshot_markdown(rows):
     return "\n".join(lines)
 
 
+def paper_table(rows):
+    """Markdown of the paper's layout from rows labelled METHOD@MODEL: | Method | Training | MODEL ... |.
+
+    A cell is the run's WikiText-2 perplexity (with its window count when partial); a run that is not exactly
+    N:M says so in its cell. Training is the first run's of the method that says it (main.py and prune.py
+    results do, evaluate.py's do not; the same recipe in every column)."""
+    methods, models, cells, training = [], [], {}, {}
+    for row in rows:
+        method, _, model = row["method"].rpartition("@")
+        if not method:
+            continue
+        methods += [method] if method not in methods else []
+        models += [model] if model not in models else []
+        cell = row["WikiText-2 ppl"] + (" ✗ NOT N:M" if row["nm_ok"] is False else "")
+        cells[method, model] = cell
+        if training.get(method, "–") == "–":  # an evaluate.py JSON does not say how its model was made
+            training[method] = row["training"]
+    lines = ["| Method | Training | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for method in methods:
+        lines.append(f"| {method} | {training[method]} | "
+                     + " | ".join(cells.get((method, model), "–") for model in models) + " |")
+    return "\n".join(lines)
+
+
 def parse_label(spec):
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
@@ -225,6 +253,9 @@ def main(argv=None):
     tables += [zeroshot_markdown(zs) for zs in [[r for r in rows if r.get("zeroshot_cells")]] if zs]
     table = "\n\n".join(tables)
     print(table)
+    if any("@" in name for name, _ in labelled):
+        table = paper_table(rows)
+        print("\n" + table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2, ensure_ascii=False)

@@ -221,3 +221,17 @@ def test_slorb_added_to_the_weight_equals_the_separate_low_rank_branch(trainable
     torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-5, atol=1e-6)  # STE: W gets all of it
     if trainable:
         torch.testing.assert_close(layer.slorb_X.grad, X.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_section_times_every_method_per_block_against_one_dense_forward(tmp_path):
+    results = bench.main(["--preset", "tiny", "--only", "prune", "--repeats", "1", "--warmup", "0",
+                          "--out", str(tmp_path / "prune.json")])
+    rows = results["prune"]
+    assert [r["what"] for r in rows] == ["dense forward of the calibration set", *bench.PRUNE_METHODS]
+    preset = bench.PRESETS["tiny"]
+    for row in rows:
+        assert row["model"] == f"OPT, {preset.n_layer} x {preset.n_embd}" and row["windows"] == preset.prune_windows
+    for row in rows[1:]:
+        assert row["seconds_per_block"] == pytest.approx(row["median_s"] / preset.n_layer, abs=1e-4)
+        assert row["per_block_vs_dense_forward_min"] <= row["per_block_vs_dense_forward"] > 0
+    assert json.load(open(tmp_path / "prune.json"))["prune"] == rows

@@ -26,7 +26,8 @@ def test_demo_table_has_every_method_and_every_sparse_result_is_2_4(demo_run):
     out, proc = demo_run
     summary = json.load(open(out / "results.json"))
     keys = [r["key"] for r in summary["rows"]]
-    assert keys == ["teacher", "dense_continued", "oneshot_magnitude", "oneshot_wanda", "oneshot_sparsegpt",
+    assert keys == ["teacher", "dense_continued", "oneshot_magnitude", "oneshot_wanda", "oneshot_wanda_recon",
+                    "oneshot_sparsegpt",
                     "naive_retrain", "gmp", "imp", "ast_naive", "ast_boosted"]
     for row in summary["rows"]:
         assert row["wikitext_ppl"] > 1 and row["val_loss"] > 0
@@ -39,7 +40,7 @@ def test_demo_table_has_every_method_and_every_sparse_result_is_2_4(demo_run):
     control = next(r for r in summary["rows"] if r["key"] == "dense_continued")
     assert control["ppl_vs_control"] == pytest.approx(1.0)
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 11 and "AST-Boosted" in md and "2:4 ✓" in md
+    assert md.count("\n| ") == 12 and "AST-Boosted" in md and "2:4 ✓" in md
     assert open(out / "curves.png", "rb").read(4) == b"\x89PNG"
     assert "main.py" in proc.stdout and "prune.py" in proc.stdout  # the public commands are printed
 
@@ -49,7 +50,7 @@ def test_demo_rerun_skips_finished_stages_and_gives_the_same_table(demo_run, dat
     before = json.load(open(out / "results.json"))
     proc = run_demo(out, "--data_root", data_root)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("skipped") == 15 and "$ " not in proc.stdout
+    assert proc.stdout.count("skipped") == 16 and "$ " not in proc.stdout
     after = json.load(open(out / "results.json"))
     assert after["rows"] == before["rows"]
 

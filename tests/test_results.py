@@ -62,3 +62,26 @@ def test_broken_nm_and_ast_runs_are_labelled(tmp_path):
 def test_errors(argv, match, tmp_path):
     with pytest.raises(UserError, match=match):
         results.main(argv)
+
+
+def test_paper_layout_has_methods_as_rows_and_models_as_columns(tmp_path):
+    runs = {
+        "Dense@OPT-125M": EVAL, "Dense@GPT2-124M": dict(EVAL, wikitext_ppl=29.95),
+        "GMP@OPT-125M": dict(EVAL, wikitext_ppl=31.51, nm_ok=True, sparse_layers=72),  # evaluate.py of a ckpt
+        "GMP@GPT2-124M": MAIN,
+        "SparseGPT@OPT-125M": PRUNE, "SparseGPT@GPT2-124M": dict(PRUNE, wikitext_ppl=50.09, ppl_windows=0),
+        "Wanda + recon@GPT2-124M": dict(PRUNE, method="wanda", reconstruct={"epochs": 10}, wikitext_ppl=40.0,
+                                        ppl_windows=0, nm_ok=False),
+    }
+    labels = sum((["--label", f"{k}={write(tmp_path / f'{i}.json', v)}"] for i, (k, v) in enumerate(runs.items())),
+                 [])
+    table, rows = results.main(labels)
+    assert table.splitlines() == [
+        "| Method | Training | OPT-125M | GPT2-124M |",
+        "|---|---|---|---|",
+        "| Dense | – | 29.95 | 29.95 |",
+        "| GMP | yes (GMP + distill) | 31.51 | 33.48 |",
+        "| SparseGPT | no (sparsegpt) | 50.09 (8 windows) | 50.09 |",
+        "| Wanda + recon | no (wanda + reconstruction) | – | 40.00 ✗ NOT N:M |",
+    ]
+    assert len(rows) == 7
