@@ -39,8 +39,12 @@ def _nll_sum(model, x, y):
 
 @torch.no_grad()
 def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, device="cpu", ctx=None,
-                        rank=0, world_size=1, progress=False):
-    """exp(mean NLL) over non-overlapping windows of min(1024, block_size) tokens (0 windows = all)."""
+                        rank=0, world_size=1, progress=False, should_stop=None):
+    """exp(mean NLL) over non-overlapping windows of min(1024, block_size) tokens (0 windows = all).
+
+    should_stop() is called before every batch (the same number of times on every rank, so it may be a
+    collective); it raises to abandon the evaluation.
+    """
     seq = min(1024, block_size)
     total = len(tokens) // seq
     n = total if windows <= 0 else min(windows, total)
@@ -52,8 +56,12 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, token count
     bar = _bar(len(mine), "wikitext-2", progress)
-    for i in range(0, len(mine), batch_size):
-        idx = torch.tensor(mine[i:i + batch_size])
+    for i in range(0, -(-n // world_size), batch_size):  # as many batches on every rank
+        if should_stop is not None:
+            should_stop()
+        idx = torch.tensor(mine[i:i + batch_size], dtype=torch.long)
+        if len(idx) == 0:
+            continue
         win = tokens[(idx[:, None] * seq + torch.arange(seq)).reshape(-1)].reshape(len(idx), seq).to(device)
         with ctx:
             sums[0] += _nll_sum(model, win[:, :-1], win[:, 1:]).double()
@@ -65,17 +73,29 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     return math.exp(float(sums[0] / sums[1]))
 
 
+VAL_WINDOWS_PER_ITER = 8  # the C4 validation set is eval_iters x 8 windows, whatever the micro-batch size
+
+
 @torch.no_grad()
 def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="cpu", ctx=None, rank=0,
-                    world_size=1, seed=0):
-    """Mean next-token CE of the student on eval_iters fixed batches of the validation split."""
-    offsets = eval_offsets(len(dataset), dataset.block_size, batch_size, eval_iters, seed)
+                    world_size=1, seed=0, should_stop=None):
+    """Mean next-token CE of the student on eval_iters x VAL_WINDOWS_PER_ITER fixed validation windows.
+
+    The windows depend only on the data, eval_iters and seed: batch_size only sets how many go through the
+    model at once (fitting memory does not change the validation set). should_stop as in wikitext_perplexity.
+    """
+    offsets = eval_offsets(len(dataset), dataset.block_size, VAL_WINDOWS_PER_ITER, eval_iters, seed).reshape(-1)
+    mine = offsets[rank::world_size]
     ctx = ctx or contextlib.nullcontext()
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(rank, eval_iters, world_size):
-        x, y = dataset.get_batch(offsets[i], device)
+    for i in range(0, -(-len(offsets) // world_size), batch_size):  # as many batches on every rank
+        if should_stop is not None:
+            should_stop()
+        if i >= len(mine):
+            continue
+        x, y = dataset.get_batch(mine[i:i + batch_size], device)
         with ctx:
             sums[0] += _nll_sum(model, x, y).double()
         sums[1] += y.numel()
@@ -107,7 +127,8 @@ def main(argv=None):
     p.add_argument("--data_dir", default="", help="folder with val.bin for the C4 validation loss ('' to skip)")
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--eval_iters", type=int, default=100)
+    p.add_argument("--eval_iters", type=int, default=100,
+                   help=f"C4 validation set: eval_iters x {VAL_WINDOWS_PER_ITER} fixed windows, whatever --batch_size")
     p.add_argument("--ppl_windows", type=int, default=0, help="first N WikiText-2 windows only (0 = all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_threads", type=int, default=0)

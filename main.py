@@ -9,6 +9,7 @@ forward and backward both inside no_sync), clip, optimizer step, then the mask r
 and checkpoints.
 """
 import contextlib
+import hashlib
 import inspect
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict
 
 import torch
@@ -23,13 +25,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
-from checkpoint import (build_model, git_commit, load_checkpoint, model_state, rng_state,
-                        save_checkpoint, set_rng_state)
-from cli import UserError
-from config import TrainConfig, help_text, parse_config
+from checkpoint import (build_model, git_commit, load_checkpoint, model_state, newest_intact, rng_state,
+                        save_checkpoint, save_training_checkpoint, set_rng_state)
+from cli import EXIT_KEYBOARD_INTERRUPT, Interrupted, UserError
+from config import TrainConfig, config_warnings, help_text, parse_config
 from data.loader import BinDataset, GlobalBatchSampler, load_calibration, load_wikitext_tokens, micro_batches
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig
+from rundir import check_new_run, clear_run, resume_changes, run_files, trim_metrics
 from sparsity import (SRSTEAdamW, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers, sparsify,
                       srste_lambda, update_masks)
 
@@ -38,6 +41,12 @@ PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class TrainingDiverged(Exception):
     pass
+
+
+class EvaluationDropped(Exception):
+    """A stop was requested during an evaluation: it depends only on the weights and runs again on resume."""
+
+
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -170,8 +179,11 @@ def configure_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime):
 
 
 @torch.no_grad()
-def apply_pruning_schedule(model: GPT, cfg: TrainConfig, step: int, current: float) -> float:
-    """GMP/IMP: prune the scheduled fraction of the N:M-pruned weights by magnitude; pruned stay pruned."""
+def apply_pruning_schedule(model: GPT, cfg: TrainConfig, step: int, current: float, optimizer=None) -> float:
+    """GMP/IMP: prune the scheduled fraction of the N:M-pruned weights by magnitude; pruned stay pruned.
+
+    A pruned weight and its optimizer state (Adam's moments) are zeroed: it then gets no gradient, so AdamW's
+    momentum and weight decay leave it exactly zero in the stored weights too, not only in W * M."""
     fraction = pruning_fraction(step, cfg.prune_schedule, cfg.prune_start, cfg.prune_end, cfg.prune_rounds)
     due = cfg.prune_schedule == "iterative" or step % cfg.mask_update_interval == 0 or step >= cfg.prune_end
     if fraction == current or not due:
@@ -180,14 +192,93 @@ def apply_pruning_schedule(model: GPT, cfg: TrainConfig, step: int, current: flo
         # scores of the effective weight: already pruned weights score 0 and can never come back
         layer.update_mask(partial_nm_mask(magnitude_scores(layer.weight * layer.mask), layer.n, layer.m, fraction))
         layer.weight.mul_(layer.mask)
+        state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == layer.mask.shape:
+                value.mul_(layer.mask)
     return fraction
 
 
-def mask_fingerprint(model: GPT, device) -> torch.Tensor:
-    """Per sparse layer: number of kept weights and the sum of their flat positions (cheap to compare)."""
-    rows = [torch.stack([layer.mask.sum(), layer.mask.flatten().nonzero().sum()]).double()
-            for _, layer in sparse_layers(model)]
-    return torch.stack(rows).to(device) if rows else torch.zeros(1, 2, dtype=torch.float64, device=device)
+def mask_digest(model: GPT) -> str:
+    """sha256 over every sparse layer's name and mask bits: ranks compare it at every checkpoint."""
+    h = hashlib.sha256()
+    for name, layer in sparse_layers(model):
+        h.update(name.encode())
+        h.update(layer.mask.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def open_run(cfg: TrainConfig, rt: Runtime):
+    """(checkpoint path, checkpoint, allowed flag changes) to resume, or (None, None, {}) for a new run into an
+    out_dir that holds no other run. The newest intact checkpoint is resumed; damaged newer ones are named."""
+    if cfg.init_from != "resume":
+        check_new_run(cfg)
+        return None, None, {}
+    path, ckpt, skipped = newest_intact(cfg.out_dir)
+    if path is None:
+        if skipped:
+            raise UserError(f"--init_from resume: no intact checkpoint in {cfg.out_dir} ({skipped[0][0]} "
+                            f"{skipped[0][1]}): start again with --overwrite True")
+        hint = " (or pass --overwrite True to start again)" if run_files(cfg.out_dir) else ""
+        raise UserError(f"--init_from resume but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist: check "
+                        f"--out_dir{hint}")
+    if "optimizer" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is a model-only checkpoint (best.pt, prune.py or nanoGPT) and cannot be resumed: "
+                        f"start a run from its weights with --init_from {path} --out_dir NEW")
+    for bad, problem in skipped:
+        if rt.master:
+            print(f"warning: {bad} {problem}; resuming from {path} (iter {ckpt['iter_num']}), the newest intact "
+                  f"checkpoint", file=sys.stderr)
+    return path, ckpt, resume_changes(ckpt["config"], cfg, path)
+
+
+def write_json(path: str, obj):
+    """Written whole or not at all (temporary name, then rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+class StopRequests:
+    """SIGINT/SIGTERM handling. The first signal: the current step finishes (an evaluation in progress is
+    dropped: it runs again on resume), the checkpoint is saved and the run exits with code 3. The second: a step
+    in progress is dropped too (single process; under torchrun every rank finishes it, other ranks wait on it).
+    The third: exit at once, without saving (the newest checkpoint on disk stays intact)."""
+
+    def __init__(self, rt: Runtime, ckpt_path: str):
+        self.rt, self.ckpt_path, self.count, self.name, self.saving = rt, ckpt_path, 0, None, False
+
+    def __call__(self, signum, frame):
+        self.count += 1
+        self.name = self.name or signal.Signals(signum).name
+        if self.count == 1:
+            msg = (f"{self.name}: stopping after the current training step (an evaluation in progress is dropped; "
+                   f"it runs again on resume), then saving {self.ckpt_path}; {self.name} again to stop sooner")
+        elif self.count == 2 and not self.saving:
+            msg = ("again: dropping the current step, saving the state before it" if not self.rt.ddp else
+                   "again: under torchrun every rank finishes the current step before saving")
+        elif self.count == 2:
+            msg = "saving; once more to exit without it (the previous checkpoint on disk stays intact)"
+        else:
+            if self.rt.master:
+                print(f"{self.name} a third time: exiting without saving; the newest checkpoint on disk is intact",
+                      file=sys.stderr, flush=True)
+            os._exit(EXIT_KEYBOARD_INTERRUPT)
+        if self.rt.master:
+            print(msg, file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """True on every rank once any rank got a signal (a collective under torchrun: all ranks call it)."""
+        return self.rt.any_rank(self.count > 0)
+
+    def drop_evaluation(self):
+        """Called before every evaluation batch (the same number of times on every rank)."""
+        if self.requested():
+            raise EvaluationDropped
+
+    def drop_step(self) -> bool:
+        """A second signal drops a step in progress (single process only: under DDP the others wait on it)."""
+        return self.count >= 2 and not self.rt.ddp
 
 
 def open_wandb(cfg: TrainConfig):
@@ -217,12 +308,29 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def exit_torchrun_worker(code: int):
+    """A torchrun worker ends with os._exit() once its files are closed and its output flushed.
+
+    A gloo process group cannot really be destroyed here: DDP leaves references to it behind, so after
+    destroy_process_group() its worker threads keep running. Each of them frees a finished collective only
+    after the caller's wait() has returned. If that lands after a normal exit has begun finalizing the
+    interpreter, freeing the work's thread-local state (which holds a Python object) needs the GIL, Python
+    ends the thread with pthread_exit, the forced unwind meets a noexcept C++ frame and std::terminate()
+    aborts the rank: "terminate called without an active exception", SIGABRT, after a finished run (about 1 in
+    40 of the tests' 2-rank runs under CPU load). Skipping finalization leaves those threads nothing to race.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def train(cfg: TrainConfig, rt: Runtime):
     resume = cfg.init_from == "resume"
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if resume and not os.path.isfile(ckpt_path):
-        raise UserError(f"--init_from resume but {ckpt_path} does not exist: check --out_dir")
-    ckpt = load_checkpoint(ckpt_path) if resume else None
+    resumed_from, ckpt, changes = open_run(cfg, rt)  # nothing is written before this check
+    if rt.master:
+        for warning in config_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
 
     # ---- data (checked before the model is loaded, so a typo fails fast)
     train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size)
@@ -256,14 +364,20 @@ def train(cfg: TrainConfig, rt: Runtime):
     optimizer = configure_optimizer(model, cfg, rt)
     scaler = torch.amp.GradScaler(enabled=rt.dtype == "float16")
     iter_num, best_val, train_seconds, pruned_fraction = 0, float("inf"), 0.0, 0.0
+    last_eval_iter, flip, resumes = -1, (0.0, 0.0), []
     if resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         train_seconds, pruned_fraction = ckpt.get("train_seconds", 0.0), ckpt.get("pruned_fraction", 0.0)
+        last_eval_iter, flip = ckpt.get("last_eval_iter", iter_num), tuple(ckpt.get("flip", (0.0, 0.0)))
+        resumes = ckpt.get("resumes", []) + ([{"iter": iter_num, "changed": changes}] if changes else [])
         rngs = ckpt["rng"]
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
         del ckpt
+        if rt.master:
+            changed = "".join(f", --{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(f"resuming {resumed_from} at iter {iter_num}{changed}")
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout may differ per rank; data does not depend on it
     raw_model = model
@@ -278,9 +392,14 @@ def train(cfg: TrainConfig, rt: Runtime):
     if cfg.prune_schedule != "none" and not resume:
         pruned_fraction = apply_pruning_schedule(raw_model, cfg, 0, pruned_fraction)
 
-    # ---- logging
+    # ---- logging (the first write into out_dir)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rt.master else None
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rt.master and cfg.overwrite:
+        clear_run(cfg.out_dir)
+    if rt.master and resume:
+        trim_metrics(metrics_path, iter_num)  # rows a crash left after the checkpoint are written again
+    metrics = open(metrics_path, "a") if rt.master else None
     run = open_wandb(cfg) if (cfg.wandb_logging and rt.master) else None
 
     def log(row):
@@ -290,41 +409,52 @@ def train(cfg: TrainConfig, rt: Runtime):
             if run is not None:
                 run.log(row, step=row["iter"])
 
-    def evaluate_now():
+    def evaluate_now(should_stop=None):
         val = validation_loss(raw_model, val_data, cfg.batch_size, cfg.eval_iters, rt.device, rt.ctx, rt.rank,
-                              rt.world_size)
+                              rt.world_size, should_stop=should_stop)
         ppl = wikitext_perplexity(raw_model, wikitext, cfg.block_size, cfg.ppl_windows, cfg.batch_size,
-                                  rt.device, rt.ctx, rt.rank, rt.world_size)
+                                  rt.device, rt.ctx, rt.rank, rt.world_size, should_stop=should_stop)
         return val, ppl
 
+    def masks_agree(digests):
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"masks differ between ranks at iter {iter_num}: please report this as a bug")
+        return True
+
     def save(name="ckpt.pt", training_state=True):
-        rngs = [rng_state()]
+        """Every rank sends its RNG state (and mask digest) to rank 0, which writes the checkpoint."""
+        mine = (rng_state(), mask_digest(raw_model) if training_state else "")
+        gathered = [mine]
         if rt.ddp:
-            rngs = [None] * rt.world_size
-            dist.all_gather_object(rngs, rng_state())
+            gathered = [None] * rt.world_size
+            dist.all_gather_object(gathered, mine)
+        masks_agree([d for _, d in gathered])
         if not rt.master:
             return
         obj = {**model_state(raw_model), "config": asdict(cfg), "git_commit": git_commit(), "iter_num": iter_num,
                "best_val_loss": best_val}
-        if training_state:
-            obj.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rngs,
-                       train_seconds=train_seconds + time.time() - t_loop, pruned_fraction=pruned_fraction,
-                       lr=get_lr(iter_num, cfg), srste_lambda=srste_lambda(iter_num, cfg.srste_decay,
-                                                                            cfg.increase_step))
-        save_checkpoint(obj, os.path.join(cfg.out_dir, name))
+        if not training_state:
+            save_checkpoint(obj, os.path.join(cfg.out_dir, name))
+            return
+        obj.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=[r for r, _ in gathered],
+                   train_seconds=train_seconds + time.time() - t_loop, pruned_fraction=pruned_fraction,
+                   last_eval_iter=last_eval_iter, flip=list(flip), resumes=resumes,
+                   lr=get_lr(iter_num, cfg), srste_lambda=srste_lambda(iter_num, cfg.srste_decay, cfg.increase_step))
+        save_training_checkpoint(obj, cfg.out_dir, cfg.keep_checkpoints)
 
     def finish(val, ppl):
-        agree = rt.all_ranks_equal(mask_fingerprint(raw_model, rt.device))
-        if not agree:
-            raise RuntimeError("masks differ between ranks: please report this as a bug")
+        digests = [mask_digest(raw_model)]
+        if rt.ddp:
+            digests = [None] * rt.world_size
+            dist.all_gather_object(digests, mask_digest(raw_model))
+        agree = masks_agree(digests)
         result = {"world_size": rt.world_size, "masks_identical_across_ranks": agree, "iter": iter_num,
                   "tokens": iter_num * cfg.global_batch_size * cfg.block_size,
                   "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": cfg.ppl_windows,
                   "train_seconds": round(train_seconds + time.time() - t_loop, 2),
-                  **sparsity_report(raw_model), "config": asdict(cfg)}
+                  **sparsity_report(raw_model), "config": asdict(cfg), "resumes": resumes}
         if rt.master:
-            with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            write_json(os.path.join(cfg.out_dir, "results.json"), result)
         return result
 
     t_loop = time.time()
@@ -334,13 +464,9 @@ def train(cfg: TrainConfig, rt: Runtime):
             print(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
         return finish(val, ppl)
 
-    # ---- signals: finish the current step, save, exit cleanly
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # ---- signals: say at once what happens, finish the step, save, exit with code 3 (see StopRequests)
+    stop = StopRequests(rt, ckpt_path)
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     if rt.master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{rt.world_size} rank(s) on {rt.device} ({rt.dtype}), {n_params / 1e6:.2f}M parameters, "
@@ -352,29 +478,37 @@ def train(cfg: TrainConfig, rt: Runtime):
         bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", dynamic_ncols=True)
     say = bar.write if bar is not None else print
 
-    flip = (0.0, 0.0)
-    last_eval_iter = iter_num if resume else -1
     t_log, steps_since_log = time.time(), 0
     val = ppl = None
     try:
         while True:
+            if stop.requested():  # the state is consistent here: save it and exit
+                stop.saving = True
+                save()
+                raise Interrupted(f"stopped by {stop.name} at iter {iter_num}: {ckpt_path} saved; continue with "
+                                  f"the same flags and --init_from resume")
             # ---- evaluate and checkpoint (before the step; never twice at the same iteration)
             if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and iter_num != last_eval_iter:
-                val, ppl = evaluate_now()
+                try:
+                    val, ppl = evaluate_now(should_stop=stop.drop_evaluation)
+                except EvaluationDropped:
+                    continue
                 last_eval_iter = iter_num
                 improved = val < best_val
                 best_val = min(best_val, val)
                 log({"iter": iter_num, "val_loss": val, "wikitext_ppl": ppl})
                 if rt.master:
                     say(f"iter {iter_num}: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+                if iter_num > 0 and improved:  # before ckpt.pt: a checkpoint at iter N implies best.pt is current
+                    save("best.pt", training_state=False)
                 if 0 < iter_num < cfg.max_iters and (improved or cfg.always_save_checkpoint):
                     save()  # the final one is written after the loop
-                if iter_num > 0 and improved:
-                    save("best.pt", training_state=False)
             if iter_num >= cfg.max_iters:
                 break
 
             # ---- one optimizer step
+            if not rt.ddp:  # a step dropped by a second signal saves the RNG state from before it
+                step_rng = rng_state()
             lr = get_lr(iter_num, cfg)
             lam = srste_lambda(iter_num, cfg.srste_decay, cfg.increase_step)
             for group in optimizer.param_groups:
@@ -384,7 +518,11 @@ def train(cfg: TrainConfig, rt: Runtime):
             part_sums = {}
             batches = micro_batches(train_data, sampler, iter_num, rt.rank, rt.world_size, cfg.batch_size,
                                     rt.device)
+            dropped = False
             for micro_step, (x, y) in enumerate(batches):
+                if stop.drop_step():
+                    dropped = True
+                    break
                 last = micro_step == accum - 1
                 # DDP: synchronise gradients on the last micro-step only; no_sync must cover the forward too
                 sync = contextlib.nullcontext() if (last or not rt.ddp) else model.no_sync()
@@ -399,6 +537,10 @@ def train(cfg: TrainConfig, rt: Runtime):
                 loss_sum += loss.detach() / accum
                 for k, v in parts.items():
                     part_sums[k] = part_sums.get(k, 0.0) + v.float() / accum
+            if dropped:  # as if the step had not started: no gradients, the RNG state from before it
+                optimizer.zero_grad(set_to_none=True)
+                set_rng_state(step_rng)
+                continue
             if cfg.grad_clip > 0 or rt.dtype != "float16":
                 scaler.unscale_(optimizer)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -416,7 +558,7 @@ def train(cfg: TrainConfig, rt: Runtime):
             # ---- masks: recompute from the updated weights (identical on every rank: weights are)
             if cfg.mode == "sparse_forward":
                 if cfg.prune_schedule != "none":
-                    pruned_fraction = apply_pruning_schedule(raw_model, cfg, iter_num, pruned_fraction)
+                    pruned_fraction = apply_pruning_schedule(raw_model, cfg, iter_num, pruned_fraction, optimizer)
                 elif cfg.change_mask and iter_num % cfg.mask_update_interval == 0:
                     flip = update_masks(raw_model)
                     log({"iter": iter_num, "flip_ratio": flip[0], "flip_ratio_init": flip[1]})
@@ -438,13 +580,6 @@ def train(cfg: TrainConfig, rt: Runtime):
                     extra = "".join(f", {k} {v:.4f}" for k, v in parts.items())
                     say(f"iter {iter_num}: loss {loss_val:.4f}{extra}, lr {lr:.2e}, lambda {lam:.2e}, "
                         f"flip {flip[0]:.4f}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
-
-            if rt.any_rank(stop["signal"] is not None):
-                save()
-                if rt.master:
-                    say(f"stopped by signal at iter {iter_num}; checkpoint saved to {ckpt_path}, "
-                        f"continue with the same flags and --init_from resume")
-                return None
     except TrainingDiverged as e:
         raise UserError(f"{e}: training stopped, the last good checkpoint ({ckpt_path}) is kept; lower "
                         f"--learning_rate or check the data") from None
@@ -464,4 +599,14 @@ def train(cfg: TrainConfig, rt: Runtime):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    if "RANK" not in os.environ:
+        cli.run(main)
+    else:
+        try:
+            cli.run(main)
+            exit_torchrun_worker(0)
+        except SystemExit as e:  # cli.run's exit codes (2 user error, 3 interrupted, ...)
+            exit_torchrun_worker(e.code if isinstance(e.code, int) else 1)
+        except BaseException:  # a bug: its traceback, then exit 1 as Python would
+            traceback.print_exc()
+            exit_torchrun_worker(1)
