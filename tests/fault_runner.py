@@ -3,11 +3,14 @@
     python tests/fault_runner.py KIND N [main.py flags...]
 
 KIND says where the process SIGKILLs itself, at the N-th (1-based) occurrence:
-  forward  the N-th GPT forward (student or teacher, training or evaluation)
-  eval     the N-th evaluation batch
-  write    the N-th torch.save, after half of its bytes reached the temporary file
-  install  the N-th rename of a finished checkpoint file into place (e.g. between ckpt-ITER.pt and ckpt.pt)
-  sigint3  not a kill: three SIGINTs to itself at the N-th training forward (the third exits without saving)
+  forward       the N-th GPT forward (student or teacher, training or evaluation)
+  eval          the N-th evaluation batch
+  write         the N-th torch.save, after half of its bytes reached the temporary file
+  install       the N-th rename of a finished checkpoint file into place (e.g. between ckpt-ITER.pt and ckpt.pt)
+or sends itself SIGINTs (what Ctrl-C sends), as a user would, at a moment chosen exactly:
+  sigint-eval   one SIGINT at the N-th evaluation batch
+  sigint2-step  two SIGINTs at the N-th training forward (of the student)
+  sigint3-step  three SIGINTs at the N-th training forward
 The kill is real (SIGKILL: no handler, no cleanup); everything else is main.py as users run it.
 """
 import io
@@ -50,14 +53,20 @@ def half_written(obj, path, *args, **kwargs):
     die()
 
 
-def three_sigints_at_training_forward(forward, n):
+def sigints(count):
+    def send(*_, **__):
+        for _ in range(count):
+            os.kill(os.getpid(), signal.SIGINT)
+    return send
+
+
+def at_nth_training_forward(forward, n, fault):
     calls = [0]
 
     def wrapper(self, *args, **kwargs):
         calls[0] += self.training
         if self.training and calls[0] == n:
-            for _ in range(3):
-                os.kill(os.getpid(), signal.SIGINT)
+            fault()
         return forward(self, *args, **kwargs)
     return wrapper
 
@@ -73,8 +82,10 @@ if __name__ == "__main__":
         checkpoint.torch.save = at_nth(real_save, n, half_written)
     elif kind == "install":
         checkpoint._install = at_nth(checkpoint._install, n, die)
-    elif kind == "sigint3":
-        model.GPT.forward = three_sigints_at_training_forward(model.GPT.forward, n)
+    elif kind == "sigint-eval":
+        evaluate._nll_sum = at_nth(evaluate._nll_sum, n, sigints(1))
+    elif kind in ("sigint2-step", "sigint3-step"):
+        model.GPT.forward = at_nth_training_forward(model.GPT.forward, n, sigints(int(kind[6])))
     else:
         raise SystemExit(f"unknown fault kind {kind!r}")
     cli.run(main.main, argv)
