@@ -25,14 +25,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
-from checkpoint import (build_model, git_commit, load_checkpoint, model_state, newest_intact, rng_state,
-                        save_checkpoint, save_training_checkpoint, set_rng_state)
+from checkpoint import (build_model, git_commit, load_checkpoint, model_state, rng_state, save_checkpoint,
+                        save_training_checkpoint, set_rng_state)
 from cli import EXIT_KEYBOARD_INTERRUPT, Interrupted, UserError
 from config import TrainConfig, config_warnings, help_text, parse_config
 from data.loader import BinDataset, GlobalBatchSampler, load_calibration, load_wikitext_tokens, micro_batches
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig
-from rundir import check_new_run, clear_run, resume_changes, run_files, trim_metrics
+from rundir import clear_run, open_run, trim_metrics, write_json
 from sparsity import (SRSTEAdamW, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers, sparsify,
                       srste_lambda, update_masks)
 
@@ -45,8 +45,6 @@ class TrainingDiverged(Exception):
 
 class EvaluationDropped(Exception):
     """A stop was requested during an evaluation: it depends only on the weights and runs again on resume."""
-
-
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -91,13 +89,13 @@ class Runtime:
             t /= self.world_size
         return t
 
-    def all_ranks_equal(self, t) -> bool:
-        """True if tensor t is identical on every rank."""
+    def gather(self, obj) -> list:
+        """obj of every rank, in rank order (every rank must call it at the same step)."""
         if not self.ddp:
-            return True
-        gathered = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(gathered, t)
-        return all(torch.equal(g, t) for g in gathered)
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def any_rank(self, flag: bool) -> bool:
         """True if any rank's flag is set (every rank must call it at the same step)."""
@@ -208,37 +206,6 @@ def mask_digest(model: GPT) -> str:
     return h.hexdigest()
 
 
-def open_run(cfg: TrainConfig, rt: Runtime):
-    """(checkpoint path, checkpoint, allowed flag changes) to resume, or (None, None, {}) for a new run into an
-    out_dir that holds no other run. The newest intact checkpoint is resumed; damaged newer ones are named."""
-    if cfg.init_from != "resume":
-        check_new_run(cfg)
-        return None, None, {}
-    path, ckpt, skipped = newest_intact(cfg.out_dir)
-    if path is None:
-        if skipped:
-            raise UserError(f"--init_from resume: no intact checkpoint in {cfg.out_dir} ({skipped[0][0]} "
-                            f"{skipped[0][1]}): start again with --overwrite True")
-        hint = " (or pass --overwrite True to start again)" if run_files(cfg.out_dir) else ""
-        raise UserError(f"--init_from resume but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist: check "
-                        f"--out_dir{hint}")
-    if "optimizer" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is a model-only checkpoint (best.pt, prune.py or nanoGPT) and cannot be resumed: "
-                        f"start a run from its weights with --init_from {path} --out_dir NEW")
-    for bad, problem in skipped:
-        if rt.master:
-            print(f"warning: {bad} {problem}; resuming from {path} (iter {ckpt['iter_num']}), the newest intact "
-                  f"checkpoint", file=sys.stderr)
-    return path, ckpt, resume_changes(ckpt["config"], cfg, path)
-
-
-def write_json(path: str, obj):
-    """Written whole or not at all (temporary name, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 class StopRequests:
     """SIGINT/SIGTERM handling. The first signal: the current step finishes (an evaluation in progress is
     dropped: it runs again on resume), the checkpoint is saved and the run exits with code 3. The second: a step
@@ -327,7 +294,7 @@ def exit_torchrun_worker(code: int):
 def train(cfg: TrainConfig, rt: Runtime):
     resume = cfg.init_from == "resume"
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    resumed_from, ckpt, changes = open_run(cfg, rt)  # nothing is written before this check
+    resumed_from, ckpt, changes = open_run(cfg, rt.master)  # nothing is written before this check
     if rt.master:
         for warning in config_warnings(cfg):
             print(f"warning: {warning}", file=sys.stderr)
@@ -423,11 +390,7 @@ def train(cfg: TrainConfig, rt: Runtime):
 
     def save(name="ckpt.pt", training_state=True):
         """Every rank sends its RNG state (and mask digest) to rank 0, which writes the checkpoint."""
-        mine = (rng_state(), mask_digest(raw_model) if training_state else "")
-        gathered = [mine]
-        if rt.ddp:
-            gathered = [None] * rt.world_size
-            dist.all_gather_object(gathered, mine)
+        gathered = rt.gather((rng_state(), mask_digest(raw_model) if training_state else ""))
         masks_agree([d for _, d in gathered])
         if not rt.master:
             return
@@ -443,11 +406,7 @@ def train(cfg: TrainConfig, rt: Runtime):
         save_training_checkpoint(obj, cfg.out_dir, cfg.keep_checkpoints)
 
     def finish(val, ppl):
-        digests = [mask_digest(raw_model)]
-        if rt.ddp:
-            digests = [None] * rt.world_size
-            dist.all_gather_object(digests, mask_digest(raw_model))
-        agree = masks_agree(digests)
+        agree = masks_agree(rt.gather(mask_digest(raw_model)))
         result = {"world_size": rt.world_size, "masks_identical_across_ranks": agree, "iter": iter_num,
                   "tokens": iter_num * cfg.global_batch_size * cfg.block_size,
                   "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": cfg.ppl_windows,

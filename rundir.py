@@ -1,14 +1,15 @@
 """One run per out_dir: a new run never overwrites or mixes with another, and a resume continues the same run.
 
-main.py calls these before it writes anything: check_new_run() refuses an out_dir that holds a run (unless
---overwrite, and then clear_run() removes only that run's files), resume_changes() compares a resume's flags
-with the checkpoint's (config.RESUME_MAY_CHANGE lists those that may differ), and trim_metrics() drops the
-metrics.jsonl rows a crash left behind after the checkpoint being resumed.
+main.py calls open_run() before it writes anything: a new run is refused in an out_dir that holds one (unless
+--overwrite, and then clear_run() removes only that run's files); a resume takes the newest intact checkpoint and
+compares its flags with the run's (config.RESUME_MAY_CHANGE lists those that may differ). trim_metrics() drops
+the metrics.jsonl rows a crash left behind after the checkpoint being resumed.
 """
 import json
 import os
+import sys
 
-from checkpoint import SUMS, checkpoint_history
+from checkpoint import SUMS, checkpoint_history, newest_intact
 from cli import UserError
 from config import RESUME_MAY_CHANGE, TrainConfig
 
@@ -76,3 +77,34 @@ def trim_metrics(path: str, iter_num: int) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return dropped
+
+
+def open_run(cfg: TrainConfig, master=True):
+    """(checkpoint path, checkpoint, allowed flag changes) to resume, or (None, None, {}) for a new run into an
+    out_dir that holds no other run. The newest intact checkpoint is resumed; damaged newer ones are named."""
+    if cfg.init_from != "resume":
+        check_new_run(cfg)
+        return None, None, {}
+    path, ckpt, skipped = newest_intact(cfg.out_dir)
+    if path is None:
+        if skipped:
+            raise UserError(f"--init_from resume: no intact checkpoint in {cfg.out_dir} ({skipped[0][0]} "
+                            f"{skipped[0][1]}): start again with --overwrite True")
+        hint = " (or pass --overwrite True to start again)" if run_files(cfg.out_dir) else ""
+        raise UserError(f"--init_from resume but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist: check "
+                        f"--out_dir{hint}")
+    if "optimizer" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is a model-only checkpoint (best.pt, prune.py or nanoGPT) and cannot be resumed: "
+                        f"start a run from its weights with --init_from {path} --out_dir NEW")
+    for bad, problem in skipped:
+        if master:
+            print(f"warning: {bad} {problem}; resuming from {path} (iter {ckpt['iter_num']}), the newest intact "
+                  f"checkpoint", file=sys.stderr)
+    return path, ckpt, resume_changes(ckpt["config"], cfg, path)
+
+
+def write_json(path: str, obj):
+    """Written whole or not at all (temporary name, then rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
