@@ -362,7 +362,7 @@ def train(cfg: TrainConfig, rt: Runtime):
     # ---- logging (the first write into out_dir)
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rt.master and cfg.overwrite:
+    if rt.master and cfg.overwrite and not cfg.eval_only:  # --eval_only replaces results.json, nothing else
         clear_run(cfg.out_dir)
     if rt.master and resume:
         trim_metrics(metrics_path, iter_num)  # rows a crash left after the checkpoint are written again

@@ -26,6 +26,9 @@ def run_files(out_dir: str) -> list:
 def check_new_run(cfg: TrainConfig):
     """A new run (or --eval_only) into an out_dir that holds another stops here, before anything is written."""
     found = [n for n in run_files(cfg.out_dir) if not n.endswith(SUMS)]
+    if cfg.eval_only and [n for n in found if n != "results.json"]:  # even --overwrite: that run's results
+        raise UserError(f"{cfg.out_dir} holds a training run ({', '.join(found[:4])}): --eval_only would replace "
+                        f"its results.json; choose another --out_dir for the evaluation")
     if found and not cfg.overwrite:
         raise UserError(f"{cfg.out_dir} already holds a run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''})"
                         f": continue it with --init_from resume, choose another --out_dir, or pass --overwrite True "

@@ -60,10 +60,13 @@ def test_a_new_run_never_overwrites_or_mixes_with_another(tiny_data, tiny_models
     out = tmp_path / "run"
     main_mod.main(flags(tiny_data, tiny_models, out, "--max_iters", "3"))
     before = snapshot(out)
-    for extra in ([], ["--eval_only", "True"], ["--learning_rate", "5e-3"]):
+    for extra in ([], ["--learning_rate", "5e-3"]):
         with pytest.raises(UserError, match="already holds a run.*--init_from resume.*--out_dir.*--overwrite True"):
             main_mod.main(flags(tiny_data, tiny_models, out, "--max_iters", "3", *extra))
         assert snapshot(out) == before  # nothing written, nothing appended
+    with pytest.raises(UserError, match="holds a training run .*--eval_only would replace its results.json"):
+        main_mod.main(flags(tiny_data, tiny_models, out, "--eval_only", "True", "--overwrite", "True"))
+    assert snapshot(out) == before
     # --overwrite replaces the old run whole: no row, checkpoint or checksum of it is left
     main_mod.main(flags(tiny_data, tiny_models, out, "--max_iters", "4", "--eval_interval", "4",
                         "--overwrite", "True"))
