@@ -1,14 +1,28 @@
-"""Command-line plumbing shared by every script: a user's mistake ends in one line and exit code 2."""
+"""Command-line plumbing shared by every script: a user's mistake ends in one line and exit code 2.
+
+Exit codes of every script: 0 done; 1 a bug (traceback); 2 a problem the user can fix (one line: what is wrong
+and what to do); 3 main.py stopped by a signal after saving its checkpoint (resume with --init_from resume);
+130 Ctrl-C anywhere else (start-up, prune.py, evaluate.py, ...); 141 stdout was closed early
+(`main.py -h | head`). Under torchrun only rank 0 prints the line; torchrun adds its own failure summary.
+"""
 import argparse
+import difflib
+import json
 import os
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_ENV = "SPARSE_GPT2_DATA"
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_KEYBOARD_INTERRUPT, EXIT_BROKEN_PIPE = 2, 3, 130, 141
 
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, ...). Printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving what is consistent. Printed as one line, exit code 3."""
 
 
 def parse_bool(value) -> bool:
@@ -20,6 +34,33 @@ def parse_bool(value) -> bool:
     if s in ("false", "0", "no"):
         return False
     raise UserError(f"expected a boolean (True/False/true/false/1/0), got {value!r}")
+
+
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean --x?)' for the closest known flag name, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def check_device(device: str) -> str:
+    """'auto' -> cuda if available, else cpu; a GPU that is not there is a one-line error, not an assertion."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} but no CUDA GPU is visible to torch: use --device cpu")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError("--device mps but MPS is not available on this machine: use --device cpu")
+    elif device != "cpu":
+        raise UserError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def default_data_root() -> str:
@@ -45,16 +86,61 @@ def read_model_config(path) -> dict:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump)."""
+    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump), a mistyped flag gets a
+    "did you mean", and a --device flag is checked against the machine (cli.check_device)."""
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for arg in argv:  # before argparse, whose "required" error would hide the typo
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and len(name) > 2 and not any(f.startswith(name) for f in flags):
+                raise UserError(f"unknown flag {name}{did_you_mean(name[2:], [f[2:] for f in flags])} "
+                                f"(see {self.prog} --help)")
+        parsed = super().parse_args(argv, namespace)
+        if isinstance(getattr(parsed, "device", None), str):
+            parsed.device = check_device(parsed.device)
+        return parsed
+
+
+def is_rank_zero() -> bool:
+    """False on every torchrun worker but rank 0, which alone speaks for all of them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _report(message: str):
+    """One line on stderr (rank 0 only under torchrun); torchrun's failure summary then shows it too."""
+    if is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun prints this as the rank's "traceback" instead of a link to its docs
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+
 
 def run(main, *args, **kwargs):
-    """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2, without a traceback."""
+    """Call main(); user errors, interrupts and a closed stdout become one line and their exit code."""
     try:
-        return main(*args, **kwargs)
+        result = main(*args, **kwargs)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+        return result
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _report(f"error: {e}")
+        sys.exit(EXIT_USER_ERROR)
+    except Interrupted as e:
+        _report(str(e))
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        _report("interrupted")
+        sys.exit(EXIT_KEYBOARD_INTERRUPT)
+    except BrokenPipeError:
+        # the reader went away (`main.py -h | head`): say nothing more, and let the exit not flush into the pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)

@@ -10,7 +10,7 @@ import runpy
 import typing
 from dataclasses import dataclass, field
 
-from cli import REPO_ROOT, UserError, parse_bool
+from cli import REPO_ROOT, UserError, did_you_mean, parse_bool
 
 
 def opt(default, help, choices=None):
@@ -21,7 +21,11 @@ def opt(default, help, choices=None):
 class TrainConfig:
     # --- I/O
     config: str = opt("", "config file (configs/NAME.py or .json, or a bare name in configs/) applied before flags")
-    out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and results.json")
+    out_dir: str = opt("out", "folder for checkpoints, metrics.jsonl and results.json (one run per folder)")
+    overwrite: bool = opt(False, "start a new run in an out_dir that holds another, deleting that run's "
+                                 "checkpoints, metrics.jsonl and results.json (without it, main.py refuses)")
+    keep_checkpoints: int = opt(2, "training checkpoints kept (ckpt-ITER.pt, each with a .sha256; ckpt.pt is the "
+                                   "newest): a damaged newest one falls back to the one before")
     init_from: str = opt("", "'' starts from --student_model; 'resume' continues out_dir/ckpt.pt exactly; "
                              "'scratch' builds a random GPT-2 of --n_layer/--n_head/--n_embd (pretraining); "
                              "or a checkpoint .pt / export folder to start from (a sparse one keeps its masks "
@@ -109,7 +113,7 @@ class TrainConfig:
     num_threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
     # --- evaluation and logging
     eval_interval: int = opt(2000, "steps between evaluations (and checkpoints)")
-    eval_iters: int = opt(100, "C4 validation batches per evaluation")
+    eval_iters: int = opt(100, "C4 validation set: eval_iters x 8 fixed windows, whatever --batch_size")
     ppl_windows: int = opt(0, "WikiText-2 windows per evaluation (0 = the full test set)")
     eval_only: bool = opt(False, "evaluate the student (or init_from checkpoint) once and exit")
     zeroshot_tasks: str = opt("", "zero-shot accuracy of the final model (lm-evaluation-harness, as zeroshot.py) on "
@@ -124,6 +128,14 @@ class TrainConfig:
     wandb_run_name: str = opt("", "wandb run name ('' = out_dir's name)")
 
 
+# Flags that may differ when a run is resumed (recorded in the checkpoint's `resumes`); every other flag, and any
+# flag added later, defines the run and must match the checkpoint's config.
+RESUME_MAY_CHANGE = frozenset({
+    "config", "init_from", "out_dir", "overwrite", "keep_checkpoints", "max_iters", "eval_interval",
+    "always_save_checkpoint", "eval_only", "log_interval", "progress", "wandb_logging", "wandb_project",
+    "wandb_run_name", "num_threads", "compile", "backend", "gradient_checkpointing", "distill_chunk_size",
+    "shard_teacher", "zeroshot_tasks", "zeroshot_limit",
+})
 ALIASES = {"output_flip_every": "mask_update_interval"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -158,7 +170,8 @@ def _canonical(name):
         lower = {k.lower(): k for k in FIELDS}
         name = lower.get(name.lower(), name)  # --slorb works for --SLoRB
     if name not in FIELDS:
-        raise UserError(f"unknown flag --{name}; see `python main.py --help` for the valid flags")
+        raise UserError(f"unknown flag --{name}{did_you_mean(name, [*FIELDS, *ALIASES])}; see "
+                        f"`python main.py --help` for the valid flags")
     return name
 
 
@@ -207,7 +220,8 @@ def load_config_file(path):
         try:
             out[_canonical(key)] = value
         except UserError:
-            raise UserError(f"{found}: unknown setting {key!r}; see `python main.py --help`") from None
+            raise UserError(f"{found}: unknown setting {key!r}{did_you_mean(key, [*FIELDS, *ALIASES])}; "
+                            f"see `python main.py --help`") from None
     return out
 
 
@@ -231,7 +245,7 @@ def validate(cfg: TrainConfig):
     if not 0.0 <= cfg.sparsity < 1.0:
         raise UserError(f"--sparsity {cfg.sparsity}: must be in [0, 1)")
     for name in ("batch_size", "global_batch_size", "block_size", "max_iters", "eval_iters", "log_interval",
-                 "eval_interval", "mask_update_interval", "SLoRB_k", "prune_rounds"):
+                 "eval_interval", "mask_update_interval", "SLoRB_k", "prune_rounds", "keep_checkpoints"):
         if getattr(cfg, name) < 1 and not (name == "max_iters" and cfg.eval_only):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads",
@@ -245,6 +259,13 @@ def validate(cfg: TrainConfig):
             raise UserError("--prune_schedule needs --mode sparse_forward --mask_type structured")
         if cfg.prune_end <= cfg.prune_start:
             raise UserError(f"--prune_end {cfg.prune_end} must be after --prune_start {cfg.prune_start}")
+        if cfg.prune_end > cfg.max_iters and not cfg.eval_only:
+            raise UserError(f"--prune_end {cfg.prune_end} is after --max_iters {cfg.max_iters}: the run would end "
+                            f"before the mask is {cfg.N}:{cfg.M}; lower --prune_end or raise --max_iters")
+        if cfg.mask_metric != "magnitude":
+            raise UserError(f"--prune_schedule {cfg.prune_schedule} prunes by magnitude (GMP/IMP as published); "
+                            f"--mask_metric {cfg.mask_metric} is not used by it: drop --mask_metric or use "
+                            f"--prune_schedule none")
     if cfg.hardness_squarehead < 0 or cfg.hardness_kldiv < 0 or cfg.hardness_task < 0:
         raise UserError("the --hardness_* weights must be non-negative")
     if cfg.init_from == "scratch" and (cfg.n_embd % cfg.n_head or min(cfg.n_layer, cfg.n_head) < 1):
@@ -256,6 +277,29 @@ def validate(cfg: TrainConfig):
         raise UserError("--compile True with --parallel fsdp is not supported here: drop one of them")
     if cfg.distill_temperature <= 0:
         raise UserError(f"--distill_temperature must be positive, got {cfg.distill_temperature}")
+    if cfg.overwrite and cfg.init_from == "resume":
+        raise UserError("--overwrite True and --init_from resume contradict each other: resume the run, or "
+                        "replace it")
+
+
+def config_warnings(cfg: TrainConfig) -> list:
+    """Settings that are valid but cannot do what the user probably meant (main.py prints them)."""
+    out = []
+    if cfg.eval_only:
+        return out
+    if cfg.warmup_iters >= cfg.max_iters:
+        out.append(f"--warmup_iters {cfg.warmup_iters} >= --max_iters {cfg.max_iters}: the whole run is warm-up and "
+                   f"the learning rate never reaches --learning_rate {cfg.learning_rate:g} (the defaults are for a "
+                   f"40,000-step run); set --warmup_iters and --lr_decay_iters for a run this long")
+    elif cfg.lr_decay_iters > cfg.max_iters:
+        out.append(f"--lr_decay_iters {cfg.lr_decay_iters} > --max_iters {cfg.max_iters}: the run ends before the "
+                   f"cosine decay does (fine if you will resume it with a larger --max_iters)")
+    if cfg.mode == "sparse_forward" and cfg.srste_decay > 0 and cfg.increase_step > cfg.max_iters:
+        out.append(f"--increase_step {cfg.increase_step} > --max_iters {cfg.max_iters}: the SR-STE decay never "
+                   f"reaches --srste_decay {cfg.srste_decay:g}")
+    if cfg.mode == "dense" and (cfg.srste_decay > 0 or cfg.SLoRB or cfg.prune_schedule != "none"):
+        out.append("--mode dense trains the plain model: --srste_decay, --SLoRB and --prune_schedule do nothing")
+    return out
 
 
 def help_text() -> str:

@@ -111,6 +111,8 @@ class Demo:
                 if not self.args.quiet:
                     print("   " + line, end="", flush=True)
             code = proc.wait()
+        if code == cli.EXIT_INTERRUPTED:  # main.py stopped by a signal: it saved its checkpoint
+            raise UserError(f"stage {name} was interrupted (its checkpoint is saved); rerun demo.py to continue it")
         if code != 0:
             raise UserError(f"stage {name} failed (exit {code}); see {self.out}/logs/{name}.log, fix it and rerun "
                             f"demo.py (finished stages are kept)")
@@ -166,7 +168,7 @@ class Demo:
 
     def pretrain_teacher(self):
         p, d = self.p, os.path.join(self.out, "teacher")
-        cmd = self.py("main.py", "--init_from", self.resume_or(d, "scratch"), "--mode", "dense",
+        cmd = self.py("main.py", *self.init_flags(d, "scratch"), "--mode", "dense",
                       "--n_layer", p["n_layer"], "--n_head", p["n_head"], "--n_embd", p["n_embd"],
                       *self.train_flags(p["teacher_iters"], p["teacher_lr"], d, max(p["teacher_iters"] // 4, 1)))
         self.stage("teacher", cmd, f"{d}/results.json")
@@ -178,10 +180,13 @@ class Demo:
                    f"{self.out}/teacher_eval.json")
         return hf
 
-    def resume_or(self, run_dir, fresh):
-        """An interrupted main.py stage continues from its checkpoint."""
+    def init_flags(self, run_dir, fresh):
+        """An interrupted main.py stage continues from its checkpoint; one stopped before its first checkpoint
+        starts again (--overwrite: the folder holds only that attempt's leftovers)."""
         done = os.path.isfile(f"{run_dir}/results.json")
-        return "resume" if os.path.isfile(f"{run_dir}/ckpt.pt") and not done else fresh
+        if os.path.isfile(f"{run_dir}/ckpt.pt") and not done:
+            return ["--init_from", "resume"]
+        return ["--init_from", fresh, "--overwrite", "True"]
 
     def run_methods(self, teacher):
         p = self.p
@@ -194,7 +199,7 @@ class Demo:
                 self.prune(name, flags, teacher)
             else:
                 cmd = self.py("main.py", "--student_model", teacher, "--teacher_model", teacher,
-                              "--init_from", self.resume_or(d, ""), *flags,
+                              *self.init_flags(d, ""), *flags,
                               *self.train_flags(iters, p["retrain_lr"], d))
                 self.stage(name, cmd, f"{d}/results.json")
 

@@ -39,11 +39,13 @@ def _nll_sum(model, x, y):
 
 @torch.no_grad()
 def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, device="cpu", ctx=None,
-                        rank=0, world_size=1, progress=False):
+                        rank=0, world_size=1, progress=False, should_stop=None):
     """exp(mean NLL) over non-overlapping windows of block_size tokens (0 windows = all).
 
     Under data parallelism rank r takes windows r, r + world_size, ...; every rank runs the same number of
-    forwards (a rank one window short runs a window it does not count), which a sharded (FSDP) model needs.
+    batches and forwards (a rank one window short runs a window it does not count), which a sharded (FSDP) model
+    needs. should_stop() is called before every batch (the same number of times on every rank, so it may be a
+    collective); it raises to abandon the evaluation.
     """
     seq = block_size
     total = len(tokens) // seq
@@ -56,9 +58,11 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, token count
     bar = _bar(len(mine), "wikitext-2", progress)
-    for i in range(0, -(-n // world_size), batch_size):
+    for i in range(0, -(-n // world_size), batch_size):  # as many batches on every rank
+        if should_stop is not None:
+            should_stop()
         counted = mine[i:i + batch_size]
-        idx = torch.tensor(counted or [0])
+        idx = torch.tensor(counted or [0], dtype=torch.long)
         win = tokens[(idx[:, None] * seq + torch.arange(seq)).reshape(-1)].reshape(len(idx), seq).to(device)
         with ctx:
             nll = _nll_sum(model, win[:, :-1], win[:, 1:]).double()
@@ -72,21 +76,32 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     return math.exp(float(sums[0] / sums[1]))
 
 
+VAL_WINDOWS_PER_ITER = 8  # the C4 validation set is eval_iters x 8 windows, whatever the micro-batch size
+
+
 @torch.no_grad()
 def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="cpu", ctx=None, rank=0,
-                    world_size=1, seed=0):
-    """Mean next-token CE of the student on eval_iters fixed batches of the validation split (rank r takes
-    batches r, r + world_size, ...; every rank runs the same number of forwards, as wikitext_perplexity)."""
-    offsets = eval_offsets(len(dataset), dataset.block_size, batch_size, eval_iters, seed)
+                    world_size=1, seed=0, should_stop=None):
+    """Mean next-token CE of the student on eval_iters x VAL_WINDOWS_PER_ITER fixed validation windows.
+
+    The windows depend only on the data, eval_iters and seed: batch_size only sets how many go through the
+    model at once (fitting memory does not change the validation set). Ranks take every world_size-th window and
+    run the same number of batches and forwards, as wikitext_perplexity; should_stop as there.
+    """
+    offsets = eval_offsets(len(dataset), dataset.block_size, VAL_WINDOWS_PER_ITER, eval_iters, seed).reshape(-1)
+    mine = offsets[rank::world_size]
     ctx = ctx or contextlib.nullcontext()
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(rank, -(-eval_iters // world_size) * world_size, world_size):
-        x, y = dataset.get_batch(offsets[min(i, eval_iters - 1)], device)
+    for i in range(0, -(-len(offsets) // world_size), batch_size):  # as many batches on every rank
+        if should_stop is not None:
+            should_stop()
+        counted = mine[i:i + batch_size]
+        x, y = dataset.get_batch(counted if len(counted) else offsets[:1], device)
         with ctx:
             nll = _nll_sum(model, x, y).double()
-        if i < eval_iters:  # else a forward the sharded peers run too, not counted
+        if len(counted):  # else a forward the sharded peers run too, not counted
             sums[0] += nll
             sums[1] += y.numel()
     model.train(was_training)
@@ -150,7 +165,8 @@ def main(argv=None):
     p.add_argument("--block_size", type=int, default=0,
                    help="WikiText-2 window and validation sequence length (0 = the model's context: GPT-2 1024)")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--eval_iters", type=int, default=100)
+    p.add_argument("--eval_iters", type=int, default=100,
+                   help=f"C4 validation set: eval_iters x {VAL_WINDOWS_PER_ITER} fixed windows, whatever --batch_size")
     p.add_argument("--ppl_windows", type=int, default=0, help="first N WikiText-2 windows only (0 = all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num_threads", type=int, default=0)

@@ -13,36 +13,41 @@ gradient accumulation, gradients reduced on the last only, clip, optimizer step)
 log line. Its helpers take the run's state (a Run) as an argument.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 
 import cli
 import families
 import parallelize
-from checkpoint import (build_model, git_commit, load_checkpoint, load_model, load_sharded_into, model_state,
-                        rng_state, save_checkpoint, save_sharded, set_rng_state, sharded_checkpoint,
-                        tokenizer_info)
-from cli import UserError
-from config import TrainConfig, explicit_keys, help_text, parse_config
+from checkpoint import (build_model, git_commit, load_model, load_sharded_into, model_state, rng_state,
+                        save_checkpoint, save_sharded, save_training_checkpoint, set_rng_state, tokenizer_info)
+from cli import EXIT_KEYBOARD_INTERRUPT, Interrupted, UserError
+from config import TrainConfig, config_warnings, explicit_keys, help_text, parse_config
 from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_wikitext, load_calibration,
                          load_wikitext_tokens, micro_batches)
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig, resolve_model_path
 from parallelize import PTDTYPE, Runtime  # noqa: F401  (PTDTYPE: bench.py reads it from here)
+from rundir import clear_run, open_run, trim_metrics, write_json
 from sparsity import (SRSTEAdamW, local, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers,
                       sparsify, srste_lambda, update_masks)
 
 
 class TrainingDiverged(Exception):
     pass
+
+
+class EvaluationDropped(Exception):
+    """A stop was requested during an evaluation: it depends only on the weights and runs again on resume."""
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -142,8 +147,11 @@ def configure_optimizer(model, cfg: TrainConfig, rt: Runtime):
 
 
 @torch.no_grad()
-def apply_pruning_schedule(model, cfg: TrainConfig, step: int, current: float) -> float:
-    """GMP/IMP: prune the scheduled fraction of the N:M-pruned weights by magnitude; pruned stay pruned."""
+def apply_pruning_schedule(model, cfg: TrainConfig, step: int, current: float, optimizer=None) -> float:
+    """GMP/IMP: prune the scheduled fraction of the N:M-pruned weights by magnitude; pruned stay pruned.
+
+    A pruned weight and its optimizer state (Adam's moments) are zeroed: it then gets no gradient, so AdamW's
+    momentum and weight decay leave it exactly zero in the stored weights too, not only in W * M."""
     fraction = pruning_fraction(step, cfg.prune_schedule, cfg.prune_start, cfg.prune_end, cfg.prune_rounds)
     due = cfg.prune_schedule == "iterative" or step % cfg.mask_update_interval == 0 or step >= cfg.prune_end
     if fraction == current or not due:
@@ -152,14 +160,69 @@ def apply_pruning_schedule(model, cfg: TrainConfig, step: int, current: float) -
         # scores of the effective weight: already pruned weights score 0 and can never come back
         layer.update_mask(partial_nm_mask(magnitude_scores(layer.effective_weight()), layer.n, layer.m, fraction))
         local(layer.weight).mul_(layer.mask)
+        state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == layer.mask.shape:
+                value.mul_(layer.mask)
     return fraction
 
 
-def mask_fingerprint(model, device) -> torch.Tensor:
-    """Per sparse layer: number of kept weights and the sum of their flat positions (cheap to compare)."""
-    rows = [torch.stack([layer.mask.sum(), layer.mask.flatten().nonzero().sum()]).double()
-            for _, layer in sparse_layers(model)]
-    return torch.stack(rows).to(device) if rows else torch.zeros(1, 2, dtype=torch.float64, device=device)
+def mask_digest(model) -> str:
+    """sha256 over every sparse layer's name and mask bits: DDP ranks compare it at every checkpoint."""
+    h = hashlib.sha256()
+    for name, layer in sparse_layers(model):
+        h.update(name.encode())
+        h.update(layer.mask.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def masks_agree(digests, iter_num) -> bool:
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"masks differ between ranks at iter {iter_num}: please report this as a bug")
+    return True
+
+
+class StopRequests:
+    """SIGINT/SIGTERM handling. The first signal: the current step finishes (an evaluation in progress is
+    dropped: it runs again on resume), the checkpoint is saved and the run exits with code 3. The second: a step
+    in progress is dropped too (single process; under torchrun every rank finishes it, other ranks wait on it).
+    The third: exit at once, without saving (the newest checkpoint on disk stays intact)."""
+
+    def __init__(self, rt: Runtime, ckpt_path: str):
+        self.rt, self.ckpt_path, self.count, self.name, self.saving = rt, ckpt_path, 0, None, False
+
+    def __call__(self, signum, frame):
+        self.count += 1
+        self.name = self.name or signal.Signals(signum).name
+        if self.count == 1:
+            msg = (f"{self.name}: stopping after the current training step (an evaluation in progress is dropped; "
+                   f"it runs again on resume), then saving {self.ckpt_path}; {self.name} again to stop sooner")
+        elif self.count == 2 and not self.saving:
+            msg = ("again: dropping the current step, saving the state before it" if not self.rt.ddp else
+                   "again: under torchrun every rank finishes the current step before saving")
+        elif self.count == 2:
+            msg = "saving; once more to exit without it (the previous checkpoint on disk stays intact)"
+        else:
+            if self.rt.master:
+                print(f"{self.name} a third time: exiting without saving; the newest checkpoint on disk is intact",
+                      file=sys.stderr, flush=True)
+            os._exit(EXIT_KEYBOARD_INTERRUPT)
+        if self.rt.master:
+            print(msg, file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """True on every rank once any rank got a signal (every rank calls it at the same points; the flag goes
+        over the CPU control group, so it never waits for a GPU)."""
+        return self.rt.any_rank(self.count > 0)
+
+    def drop_evaluation(self):
+        """Called before every evaluation batch (the same number of times on every rank)."""
+        if self.requested():
+            raise EvaluationDropped
+
+    def drop_step(self) -> bool:
+        """A second signal drops a step in progress (single process only: under DDP the others wait on it)."""
+        return self.count >= 2 and not self.rt.ddp
 
 
 def open_wandb(cfg: TrainConfig):
@@ -188,11 +251,14 @@ class Run:
     sampler: GlobalBatchSampler
     accum: int
     ckpt_path: str
+    resumed: bool = False
     iter_num: int = 0
     best_val: float = float("inf")
     train_seconds: float = 0.0
     pruned_fraction: float = 0.0
     flip: tuple = (0.0, 0.0)
+    last_eval_iter: int = -1
+    resumes: list = field(default_factory=list)  # the allowed flag changes of every resume
     nonfinite: torch.Tensor = None  # set on the device when a step's gradient norm was not finite
     t_start: float = field(default_factory=time.time)
 
@@ -215,21 +281,36 @@ def main(argv=None):
         rt.close()
 
 
+def exit_torchrun_worker(code: int):
+    """A torchrun worker ends with os._exit() once its files are closed and its output flushed.
+
+    A gloo process group cannot really be destroyed here: DDP leaves references to it behind, so after
+    destroy_process_group() its worker threads keep running. Each of them frees a finished collective only
+    after the caller's wait() has returned. If that lands after a normal exit has begun finalizing the
+    interpreter, freeing the work's thread-local state (which holds a Python object) needs the GIL, Python
+    ends the thread with pthread_exit, the forced unwind meets a noexcept C++ frame and std::terminate()
+    aborts the rank: "terminate called without an active exception", SIGABRT, after a finished run (about 1 in
+    40 of the tests' 2-rank runs under CPU load). Skipping finalization leaves those threads nothing to race.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def checkpoint_path(cfg: TrainConfig, name="ckpt"):
     """out_dir/ckpt.pt, or under --parallel fsdp the sharded folder out_dir/ckpt."""
     return os.path.join(cfg.out_dir, name + (".pt" if cfg.parallel == "ddp" else ""))
 
 
 def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
-    """Data, student, teacher, optimizer and (on resume) the saved state, wrapped for DDP or sharded for FSDP."""
-    resume = cfg.init_from == "resume"
-    ckpt_path = checkpoint_path(cfg)
+    """Data, student, teacher, optimizer and (on resume) the saved state, wrapped for DDP or sharded for FSDP.
+    Nothing is written before open_run() has checked the out_dir (rundir.py)."""
+    resumed_from, ckpt, changes, cfg = open_run(cfg, explicit, rt.master)
+    resume = ckpt is not None
     sharded = cfg.parallel == "fsdp"
-    if resume and not (sharded_checkpoint(ckpt_path) if sharded else os.path.isfile(ckpt_path)):
-        raise UserError(f"--init_from resume but {ckpt_path} does not exist: check --out_dir (and --parallel)")
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(os.path.join(sharded_checkpoint(ckpt_path), "extra.pt") if sharded else ckpt_path)
+    if rt.master:
+        for warning in config_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
 
     # ---- data (checked before the model is loaded, so a typo fails fast)
     train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size)
@@ -277,18 +358,24 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
     run = Run(cfg=cfg, model=model, raw=model, optimizer=configure_optimizer(model, cfg, rt),
               scaler=torch.amp.GradScaler(enabled=rt.dtype == "float16"), distiller=distiller,
               train_data=train_data, val_data=val_data, wikitext=wikitext, sampler=sampler,
-              accum=cfg.global_batch_size // per_step, ckpt_path=ckpt_path,
+              accum=cfg.global_batch_size // per_step, ckpt_path=checkpoint_path(cfg), resumed=resume,
               nonfinite=torch.zeros((), dtype=torch.bool, device=rt.device))
     if resume:
         if sharded:
-            load_sharded_into(sharded_checkpoint(ckpt_path), model, run.optimizer)
+            load_sharded_into(resumed_from, model, run.optimizer)
         else:
             run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])
         run.iter_num, run.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         run.train_seconds, run.pruned_fraction = ckpt.get("train_seconds", 0.0), ckpt.get("pruned_fraction", 0.0)
+        run.last_eval_iter = ckpt.get("last_eval_iter", run.iter_num)
+        run.flip = tuple(ckpt.get("flip", (0.0, 0.0)))
+        run.resumes = ckpt.get("resumes", []) + ([{"iter": run.iter_num, "changed": changes}] if changes else [])
         rngs = ckpt["rng"]
         set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+        if rt.master:
+            changed = "".join(f", --{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            print(f"resuming {resumed_from} at iter {run.iter_num}{changed}")
     else:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout may differ per rank; data does not depend on it
     if cfg.compile:
@@ -300,44 +387,50 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
     return run
 
 
-def evaluate_run(run: Run, rt: Runtime):
-    """(C4 validation loss, WikiText-2 perplexity) of the student, every rank taking its share of the windows."""
+def evaluate_run(run: Run, rt: Runtime, should_stop=None):
+    """(C4 validation loss, WikiText-2 perplexity) of the student, every rank taking its share of the windows.
+    should_stop is called before every batch; it raises to drop the evaluation."""
     cfg = run.cfg
     val = validation_loss(run.raw, run.val_data, cfg.batch_size, cfg.eval_iters, rt.device, rt.ctx, rt.rank,
-                          rt.world_size)
+                          rt.world_size, should_stop=should_stop)
     ppl = wikitext_perplexity(run.raw, run.wikitext, cfg.block_size, cfg.ppl_windows, cfg.batch_size,
-                              rt.device, rt.ctx, rt.rank, rt.world_size)
+                              rt.device, rt.ctx, rt.rank, rt.world_size, should_stop=should_stop)
     return val, ppl
 
 
-def save_run(run: Run, rt: Runtime, name="ckpt", training_state=True):
-    """ckpt.pt (or, with training_state=False, best.pt) from rank 0; under FSDP a sharded folder from all ranks."""
+def save_run(run: Run, rt: Runtime, best=False):
+    """The training checkpoint (ckpt-ITER.pt, the newest K kept, ckpt.pt the newest) or, with best=True, the
+    model-only best.pt, written by rank 0; under FSDP a sharded folder (ckpt/ or best/) from every rank."""
     if bool(run.nonfinite):  # never write weights that a non-finite step has touched
         raise TrainingDiverged(f"non-finite gradient norm before iter {run.iter_num}")
     cfg = run.cfg
-    rngs = [rng_state()]
-    if rt.ddp:
-        rngs = [None] * rt.world_size
-        dist.all_gather_object(rngs, rng_state())
+    sharded = parallelize.is_sharded(run.raw)
+    # every rank's RNG state, and under DDP its mask digest (all ranks' masks must be identical)
+    gathered = rt.gather((rng_state(), "" if (best or sharded) else mask_digest(run.raw)))
+    masks_agree([d for _, d in gathered], run.iter_num)
     state = {"config": asdict(cfg), "git_commit": git_commit(), "iter_num": run.iter_num,
              "best_val_loss": run.best_val}
-    if training_state:
-        state.update(scaler=run.scaler.state_dict(), rng=rngs, train_seconds=run.seconds(),
-                     pruned_fraction=run.pruned_fraction, lr=get_lr(run.iter_num, cfg),
+    if not best:
+        state.update(scaler=run.scaler.state_dict(), rng=[r for r, _ in gathered], train_seconds=run.seconds(),
+                     pruned_fraction=run.pruned_fraction, last_eval_iter=run.last_eval_iter, flip=list(run.flip),
+                     resumes=run.resumes, lr=get_lr(run.iter_num, cfg),
                      srste_lambda=srste_lambda(run.iter_num, cfg.srste_decay, cfg.increase_step))
-    path = checkpoint_path(cfg, name)
-    if parallelize.is_sharded(run.raw):
-        extra = {**model_state(run.raw, weights=False), **state}
-        save_sharded(path, run.raw, run.optimizer if training_state else None, extra, rt.rank)
+    if sharded:
+        save_sharded(checkpoint_path(cfg, "best" if best else "ckpt"), run.raw, None if best else run.optimizer,
+                     {**model_state(run.raw, weights=False), **state}, rt.rank)
+    elif rt.master and best:
+        save_checkpoint({**model_state(run.raw), **state}, os.path.join(cfg.out_dir, "best.pt"))
     elif rt.master:
-        if training_state:
-            state["optimizer"] = run.optimizer.state_dict()
-        save_checkpoint({**model_state(run.raw), **state}, path)
+        save_training_checkpoint({**model_state(run.raw), **state, "optimizer": run.optimizer.state_dict()},
+                                 cfg.out_dir, cfg.keep_checkpoints)
 
 
-def train_step(run: Run, rt: Runtime):
-    """One optimizer step: (mean loss, mean loss parts, lr, λ) as device tensors; no host synchronisation."""
+def train_step(run: Run, rt: Runtime, stop: StopRequests):
+    """One optimizer step: (mean loss, mean loss parts, lr, λ) as device tensors, no host synchronisation; or
+    None when a second stop signal dropped the step (as if it had not started: no gradients, the RNG state from
+    before it)."""
     cfg = run.cfg
+    step_rng = rng_state() if not rt.ddp else None
     lr = get_lr(run.iter_num, cfg)
     lam = srste_lambda(run.iter_num, cfg.srste_decay, cfg.increase_step)
     for group in run.optimizer.param_groups:
@@ -348,6 +441,10 @@ def train_step(run: Run, rt: Runtime):
     batches = micro_batches(run.train_data, run.sampler, run.iter_num, rt.rank, rt.world_size, cfg.batch_size,
                             rt.device)
     for micro_step, (x, y) in enumerate(batches):
+        if stop.drop_step():
+            run.optimizer.zero_grad(set_to_none=True)
+            set_rng_state(step_rng)
+            return None
         # gradients are reduced on the last micro-step only (DDP: no_sync covers the forward too)
         with parallelize.grad_sync(run.model, rt, last=micro_step == run.accum - 1):
             with rt.ctx:
@@ -364,9 +461,13 @@ def train_step(run: Run, rt: Runtime):
         run.scaler.unscale_(run.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), max_norm)
-        if rt.dtype != "float16":  # checked at the next log line or save, not here: no host sync per step
+        if rt.dtype != "float16":
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             run.nonfinite |= ~torch.isfinite(grad_norm)
+            # on a GPU the flag is read at the next log line or save (no host sync per step); on a CPU reading
+            # it costs nothing, so the step with the bad gradient is never taken
+            if rt.device_type == "cpu" and bool(run.nonfinite):
+                raise TrainingDiverged(f"non-finite gradient at iter {run.iter_num} (loss {loss_sum.item():.4g})")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -381,7 +482,7 @@ def update_masks_after_step(run: Run, rt: Runtime, log):
     if cfg.mode != "sparse_forward":
         return
     if cfg.prune_schedule != "none":
-        run.pruned_fraction = apply_pruning_schedule(run.raw, cfg, run.iter_num, run.pruned_fraction)
+        run.pruned_fraction = apply_pruning_schedule(run.raw, cfg, run.iter_num, run.pruned_fraction, run.optimizer)
     elif cfg.change_mask and run.iter_num % cfg.mask_update_interval == 0:
         reduce = rt.all_reduce_sum if parallelize.is_sharded(run.raw) else None
         run.flip = update_masks(run.raw, all_reduce_sum=reduce)
@@ -392,17 +493,14 @@ def finish(run: Run, rt: Runtime, val, ppl):
     """results.json: the final evaluation and what the model is (read off the model, not the flags)."""
     cfg = run.cfg
     sharded = parallelize.is_sharded(run.raw)
-    agree = None  # under FSDP each rank holds other rows of the masks by design
-    if not sharded:
-        agree = rt.all_ranks_equal(mask_fingerprint(run.raw, rt.device))
-        if not agree:
-            raise RuntimeError("masks differ between ranks: please report this as a bug")
+    # under FSDP each rank holds other rows of the masks by design; under DDP they must be identical
+    agree = None if sharded else masks_agree(rt.gather(mask_digest(run.raw)), run.iter_num)
     result = {"world_size": rt.world_size, "parallel": cfg.parallel, "masks_identical_across_ranks": agree,
               "iter": run.iter_num, "tokens": run.iter_num * cfg.global_batch_size * cfg.block_size,
               "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": run.best_val, "ppl_windows": cfg.ppl_windows,
               "train_seconds": round(run.seconds(), 2),
               **sparsity_report(run.raw, all_reduce_sum=rt.all_reduce_sum if sharded else None),
-              "config": asdict(cfg)}
+              "config": asdict(cfg), "resumes": run.resumes}
     if cfg.zeroshot_tasks and (rt.master or sharded):
         # lm-evaluation-harness on the final model in memory, as zeroshot.py; a sharded model's forwards are
         # collectives, so every rank then scores the same requests
@@ -413,18 +511,25 @@ def finish(run: Run, rt: Runtime, val, ppl):
         if rt.master:
             print(zeroshot.report(result["zeroshot"]))
     if rt.master:
-        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(cfg.out_dir, "results.json"), result)
     return result
 
 
 class Log:
-    """metrics.jsonl rows, wandb and the console (through the progress bar when there is one), from rank 0."""
+    """metrics.jsonl rows, wandb and the console (through the progress bar when there is one), from rank 0.
+    Opening it is the run's first write into out_dir: --overwrite clears the previous run's files, and a
+    resume trims metrics.jsonl to the checkpoint's iteration (rows a crash left after it are written again)."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime):
+    def __init__(self, run: Run, rt: Runtime):
+        cfg = run.cfg
         self.master = rt.master
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if rt.master else None
+        path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if rt.master and cfg.overwrite and not cfg.eval_only:  # --eval_only replaces results.json, nothing else
+            clear_run(cfg.out_dir)
+        if rt.master and run.resumed:
+            trim_metrics(path, run.iter_num)
+        self.metrics = open(path, "a") if rt.master else None
         self.wandb = open_wandb(cfg) if (cfg.wandb_logging and rt.master) else None
         self.bar = None
 
@@ -454,22 +559,17 @@ class Log:
 
 def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     run = start_run(cfg, rt, explicit)
-    cfg = run.cfg  # a sparse starting point's own settings, where they replaced the flags' defaults
-    log = Log(cfg, rt)
-    resumed = cfg.init_from == "resume"
+    cfg = run.cfg  # a sparse starting point's or the resumed run's settings, where they replaced defaults
+    log = Log(run, rt)
     if cfg.eval_only:
         val, ppl = evaluate_run(run, rt)
         log.say(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
         log.close()
         return finish(run, rt, val, ppl)
 
-    # ---- signals: finish the current step, save, exit cleanly
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # ---- signals: say at once what happens, finish the step, save, exit with code 3 (see StopRequests)
+    stop = StopRequests(rt, run.ckpt_path)
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     n_params = sum(p.numel() for p in run.raw.parameters())
     log.say(f"{rt.world_size} rank(s) on {rt.device} ({rt.dtype}, {cfg.parallel}), {n_params / 1e6:.2f}M "
             f"parameters, {len(sparse_layers(run.raw))} sparse layers, grad accumulation {run.accum}, "
@@ -477,28 +577,38 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     if cfg.progress:
         log.progress(cfg.max_iters, run.iter_num)
 
-    last_eval_iter = run.iter_num if resumed else -1
     t_log, steps_since_log = time.time(), 0
     val = ppl = None
     try:
         while True:
+            if stop.requested():  # the state is consistent here: save it and exit
+                stop.saving = True
+                save_run(run, rt)
+                raise Interrupted(f"stopped by {stop.name} at iter {run.iter_num}: {run.ckpt_path} saved; continue "
+                                  f"with the same flags and --init_from resume")
             # ---- evaluate and checkpoint (before the step; never twice at the same iteration)
             it = run.iter_num
-            if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and it != last_eval_iter:
-                val, ppl = evaluate_run(run, rt)
-                last_eval_iter = it
+            if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and it != run.last_eval_iter:
+                try:
+                    val, ppl = evaluate_run(run, rt, should_stop=stop.drop_evaluation)
+                except EvaluationDropped:
+                    continue
+                run.last_eval_iter = it
                 improved = val < run.best_val
                 run.best_val = min(run.best_val, val)
                 log({"iter": it, "val_loss": val, "wikitext_ppl": ppl})
                 log.say(f"iter {it}: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+                if it > 0 and improved:  # before the checkpoint: one at iter N implies best.pt is current
+                    save_run(run, rt, best=True)
                 if 0 < it < cfg.max_iters and (improved or cfg.always_save_checkpoint):
                     save_run(run, rt)  # the final one is written after the loop
-                if it > 0 and improved:
-                    save_run(run, rt, "best", training_state=False)
             if run.iter_num >= cfg.max_iters:
                 break
 
-            loss_sum, part_sums, lr, lam = train_step(run, rt)
+            step = train_step(run, rt, stop)
+            if step is None:  # dropped by a second signal: the loop's stop check saves and exits
+                continue
+            loss_sum, part_sums, lr, lam = step
             steps_since_log += 1
             if log.bar is not None:
                 log.bar.update(1)
@@ -521,12 +631,6 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                 extra = "".join(f", {k} {v:.4f}" for k, v in parts.items())
                 log.say(f"iter {run.iter_num}: loss {loss_val:.4f}{extra}, lr {lr:.2e}, lambda {lam:.2e}, "
                         f"flip {run.flip[0]:.4f}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
-
-            if rt.any_rank(stop["signal"] is not None):
-                save_run(run, rt)
-                log.say(f"stopped by signal at iter {run.iter_num}; checkpoint saved to {run.ckpt_path}, "
-                        f"continue with the same flags and --init_from resume")
-                return None
         save_run(run, rt)
     except TrainingDiverged as e:
         raise UserError(f"{e}: training stopped, the last good checkpoint ({run.ckpt_path}) is kept; lower "
@@ -541,4 +645,14 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    if "RANK" not in os.environ:
+        cli.run(main)
+    else:
+        try:
+            cli.run(main)
+            exit_torchrun_worker(0)
+        except SystemExit as e:  # cli.run's exit codes (2 user error, 3 interrupted, ...)
+            exit_torchrun_worker(e.code if isinstance(e.code, int) else 1)
+        except BaseException:  # a bug: its traceback, then exit 1 as Python would
+            traceback.print_exc()
+            exit_torchrun_worker(1)

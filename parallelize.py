@@ -90,13 +90,13 @@ class Runtime:
     def all_reduce_mean(self, t):
         return self.all_reduce_sum(t) / self.world_size if self.ddp else t
 
-    def all_ranks_equal(self, t) -> bool:
-        """True if tensor t is identical on every rank."""
+    def gather(self, obj) -> list:
+        """obj of every rank, in rank order (every rank must call it at the same step)."""
         if not self.ddp:
-            return True
-        gathered = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(gathered, t)
-        return all(torch.equal(g, t) for g in gathered)
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
 
     def any_rank(self, flag: bool) -> bool:
         """True if any rank's flag is set (every rank must call it at the same step); CPU only, no GPU sync."""

@@ -134,7 +134,8 @@ def test_local_rows_follow_torch_chunk():
 
 def test_fsdp_without_torchrun_and_with_gmp_are_one_line_errors(tiny_data, tiny_models, tmp_path):
     for extra, message in ((["--parallel", "fsdp"], "torchrun"),
-                           (["--parallel", "fsdp", "--prune_schedule", "gradual"], "use --parallel ddp")):
+                           (["--parallel", "fsdp", "--prune_schedule", "gradual", "--prune_end", "4"],
+                            "use --parallel ddp")):
         proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "main.py"), "--config", "cpu_tiny",
                                "--student_model", tiny_models["student"], "--data_dir", tiny_data["data_dir"],
                                "--wikitext_dir", tiny_data["wikitext_dir"], "--out_dir", str(tmp_path), *extra],

@@ -121,8 +121,8 @@ def test_sigterm_saves_and_resume_continues_exactly(tiny_data, tiny_models, tmp_
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest
-    assert "stopped by signal" in rest
+    assert proc.wait(timeout=120) == 3, rest  # interrupted, saved: its own exit code
+    assert "stopped by SIGTERM" in rest and "Traceback" not in rest
     stopped_at = load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["iter_num"]
     assert stop_after <= stopped_at < n
     main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "killed", *args, "--init_from", "resume"))
@@ -229,11 +229,8 @@ def test_plot_draws_a_png_from_metrics(tiny_data, tiny_models, tmp_path):
     assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_data, tiny_models, tmp_path):
-    main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "run", "--max_iters", "3"))
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    before = ckpt.read_bytes()
-    proc = run_cli(shrink(tiny_data, tiny_models, tmp_path / "run", "--init_from", "resume", "--max_iters", "9",
-                          "--learning_rate", "1e38", "--min_lr", "1e38", "--grad_clip", "0"))
+def test_non_finite_loss_stops_with_one_line(tiny_data, tiny_models, tmp_path):
+    # (tests/test_faults.py injects NaNs into a loss and a gradient and checks the last good checkpoint is kept)
+    proc = run_cli(shrink(tiny_data, tiny_models, tmp_path / "run", "--learning_rate", "1e38", "--min_lr", "1e38",
+                          "--grad_clip", "0"))
     assert proc.returncode == 2 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert ckpt.read_bytes() == before

@@ -293,3 +293,31 @@ def test_gmp_and_imp_train_with_distillation_and_end_exactly_nm(schedule, tiny_d
     model = build_model(load_checkpoint(str(out / "ckpt.pt")))
     assert check_nm(model)[0] and pruned_share(model) == 1.0
     assert res["nm_ok"] and res["mean_sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("schedule", ["gradual", "iterative"])
+def test_gmp_and_imp_pruned_weights_and_their_adam_moments_stay_exactly_zero(schedule, tiny_data, tiny_models,
+                                                                             tmp_path):
+    # pruning ends at step 4 of 8: AdamW's momentum and weight decay would move the stored pruned weights again
+    # in the four steps after it unless their optimizer state is zeroed with them
+    out = tmp_path / schedule
+    main_mod.main(["--config", "cpu_tiny", "--student_model", tiny_models["student"], "--data_dir",
+                   tiny_data["data_dir"], "--wikitext_dir", tiny_data["wikitext_dir"], "--out_dir", str(out),
+                   "--prune_schedule", schedule, "--prune_start", "0", "--prune_end", "4", "--prune_rounds", "2",
+                   "--mask_update_interval", "1", "--eval_interval", "100", "--max_iters", "8",
+                   "--learning_rate", "1e-2"])
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    model = build_model(ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]  # main.py's two groups
+    indices = [i for group in ckpt["optimizer"]["param_groups"] for i in group["params"]]
+    assert len(indices) == len(params)
+    state = {id(p): ckpt["optimizer"]["state"][i] for p, i in zip(params, indices)}
+    layers = sparse_layers(model)
+    assert layers and check_nm(model)[0]
+    for name, layer in layers:
+        pruned = ~layer.mask
+        assert pruned.any() and (layer.weight[pruned] == 0).all(), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert (state[id(layer.weight)][moment][pruned] == 0).all(), (name, moment)
+        assert (layer.weight[layer.mask] != 0).all(), name  # the kept ones did train
