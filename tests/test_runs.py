@@ -322,3 +322,23 @@ def test_settings_that_cannot_do_what_was_meant_are_errors_or_warnings():
     assert any("--warmup_iters 2000 >= --max_iters 10: the whole run is warm-up" in w for w in short)
     assert config_warnings(parse_config(["--max_iters", "100", "--warmup_iters", "10", "--lr_decay_iters",
                                          "100"])) == []
+
+
+def test_a_bare_resume_continues_the_run_with_its_own_settings(tiny_data, tiny_models, tmp_path):
+    # the run starts from a sparse 4:8 checkpoint, so its config took N=4, M=8 from the model (not the flags)
+    from model import GPT
+    from sparsity import sparsify
+
+    model = GPT.from_pretrained(tiny_models["student"])
+    sparsify(model, n=4, m=8)
+    start = str(tmp_path / "start.pt")
+    checkpoint.save_checkpoint(checkpoint.model_state(model), start)
+    schedule = ["--init_from", start, "--lr_decay_iters", "6", "--eval_interval", "3"]
+    whole = main_mod.main(flags(tiny_data, tiny_models, tmp_path / "whole", *schedule, "--max_iters", "6"))
+    main_mod.main(flags(tiny_data, tiny_models, tmp_path / "run", *schedule, "--max_iters", "3"))
+    # nothing but the folder and the longer budget: data, model, sparsity and schedule come from the run
+    resumed = main_mod.main(["--init_from", "resume", "--out_dir", str(tmp_path / "run"), "--max_iters", "6"])
+    assert resumed["pattern"] == "4:8" and resumed["config"]["N"] == 4
+    assert resumed["config"]["data_dir"] == tiny_data["data_dir"] and resumed["iter"] == 6
+    assert resumed["wikitext_ppl"] == pytest.approx(whole["wikitext_ppl"], rel=1e-6)
+    assert resumed["resumes"] == [{"iter": 3, "changed": {"max_iters": [3, 6]}}]
