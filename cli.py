@@ -68,6 +68,17 @@ def default_data_root() -> str:
     return os.environ.get(DATA_ENV) or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
+def write_json(path, obj):
+    """Write obj as JSON whole or not at all: a hidden temporary sibling, then a rename (no half-written file)."""
+    import json
+
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def read_model_config(path) -> dict:
     """config.json of a local Hugging Face model folder, with one-line errors for a missing or broken folder."""
     import json
@@ -122,6 +133,11 @@ def _report(message: str):
                 json.dump({"message": message, "timestamp": int(time.time())}, f)
         except OSError:
             pass
+    if not is_rank_zero():
+        # Every rank usually meets the same error at once. Whichever exits first makes torchrun stop the others,
+        # so the other ranks wait a moment: rank 0 prints its line and exits first, and the line never goes
+        # missing (it did, now and then, when rank 1 won the race).
+        time.sleep(3)
 
 
 def run(main, *args, **kwargs):

@@ -191,8 +191,7 @@ def main(argv=None):
     result["eval_seconds"] = round(time.time() - t0, 2)
     print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        cli.write_json(args.out, result)
     return result
 
 

@@ -37,7 +37,7 @@ from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig, resolve_model_path
 from parallelize import PTDTYPE, Runtime  # noqa: F401  (PTDTYPE: bench.py reads it from here)
-from rundir import clear_run, open_run, trim_metrics, write_json
+from rundir import clear_run, open_run, trim_metrics
 from sparsity import (SRSTEAdamW, local, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers,
                       sparsify, srste_lambda, update_masks)
 
@@ -511,7 +511,7 @@ def finish(run: Run, rt: Runtime, val, ppl):
         if rt.master:
             print(zeroshot.report(result["zeroshot"]))
     if rt.master:
-        write_json(os.path.join(cfg.out_dir, "results.json"), result)
+        cli.write_json(os.path.join(cfg.out_dir, "results.json"), result)
     return result
 
 

@@ -34,7 +34,6 @@ transformers class (see export.py).
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import sys
@@ -476,8 +475,7 @@ def main(argv=None):
         print(f"C4 val loss {result['val_loss']:.4f}")
     if args.results:
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        with open(args.results, "w") as f:
-            json.dump(result, f, indent=2)
+        cli.write_json(args.results, result)
     return result
 
 

@@ -125,10 +125,3 @@ def open_run(cfg: TrainConfig, explicit=None, master=True):
     if explicit is not None:
         cfg = inherit(ckpt["config"], cfg, explicit)
     return path, ckpt, resume_changes(ckpt["config"], cfg, path), cfg
-
-
-def write_json(path: str, obj):
-    """Written whole or not at all (temporary name, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)

@@ -392,8 +392,7 @@ def main(argv=None):
     result = {"model": args.model, "dtype": args.dtype, **sparsity_report(model), "zeroshot": z}
     print(report(z))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        cli.write_json(args.out, result)
     return result
 
 

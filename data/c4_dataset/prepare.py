@@ -123,14 +123,6 @@ def temp_name(path):
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
 
 
-def write_json_atomic(path, obj):
-    tmp = temp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def now_utc():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -347,7 +339,7 @@ def main(argv=None):
                     "val": [{"file": f, "sha256": sha256_file(f)} for f in val_files]},
         "created": now_utc(),
     }
-    write_json_atomic(meta_path, meta)
+    cli.write_json(meta_path, meta)
     total = stats["train"]["tokens"] + stats["val"]["tokens"]
     for s in paths:
         print(f"{paths[s]}: {stats[s]['tokens']:,} tokens, {stats[s]['documents']:,} documents")

@@ -24,8 +24,7 @@ import numpy as np  # noqa: E402
 
 import cli  # noqa: E402
 from cli import UserError  # noqa: E402
-from data.c4_dataset.prepare import (download, now_utc, refuse_existing, sha256_file, temp_name,  # noqa: E402
-                                     write_json_atomic)
+from data.c4_dataset.prepare import download, now_utc, refuse_existing, sha256_file, temp_name  # noqa: E402
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -177,7 +176,7 @@ def main(argv=None):
             os.remove(paths["val"])  # --force was given; a val.bin from other inputs would be stale
         print("note: no validation split found, wrote only test.bin")
 
-    write_json_atomic(meta_path, {
+    cli.write_json(meta_path, {
         "dataset": "wikitext-2-raw-v1",
         "format": f"raw {tok.dtype} little-endian token ids of the split's rows joined with \"\\n\\n\"",
         "dtype": tok.dtype,
