@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -238,6 +239,9 @@ def main(argv=None):
         print(help_text())
         return
     cfg = parse_config(argv)
+    if int(os.environ.get("RANK", 0)) == 0:  # a log starts with what made it
+        print(f"command: {shlex.join([os.path.basename(sys.executable), 'main.py', *argv])}")
+        print(f"config: {json.dumps(asdict(cfg))}", flush=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rt = Runtime(cfg)
@@ -328,11 +332,25 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
             if run is not None:
                 run.log(row, step=row["iter"])
 
-    def evaluate_now():
-        val = validation_loss(raw_model, val_data, cfg.batch_size, cfg.eval_iters, rt.device, rt.ctx, rt.rank,
+    final_iters = cfg.final_eval_iters or cfg.eval_iters
+    final_windows = cfg.ppl_windows if cfg.final_ppl_windows == -1 else cfg.final_ppl_windows
+    final_differs = (final_iters, final_windows) != (cfg.eval_iters, cfg.ppl_windows)
+
+    def evaluate_now(eval_iters=cfg.eval_iters, windows=cfg.ppl_windows):
+        val = validation_loss(raw_model, val_data, cfg.batch_size, eval_iters, rt.device, rt.ctx, rt.rank,
                               rt.world_size)
-        ppl = wikitext_perplexity(raw_model, wikitext, cfg.block_size, cfg.ppl_windows, cfg.batch_size,
+        ppl = wikitext_perplexity(raw_model, wikitext, cfg.block_size, windows, cfg.batch_size,
                                   rt.device, rt.ctx, rt.rank, rt.world_size)
+        return val, ppl
+
+    def evaluate_final():
+        """The evaluation results.json reports: --final_eval_iters / --final_ppl_windows (default: as the others)."""
+        val, ppl = evaluate_now(final_iters, final_windows)
+        if final_differs:
+            log({"iter": iter_num, "final_val_loss": val, "final_wikitext_ppl": ppl})
+            if rt.master:
+                print(f"iter {iter_num}: final evaluation ({final_iters} C4 batches, "
+                      f"{final_windows or 'all'} WikiText-2 windows): val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
         return val, ppl
 
     def save(name="ckpt.pt", training_state=True):
@@ -357,7 +375,8 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
             raise RuntimeError("masks differ between ranks: please report this as a bug")
         result = {"world_size": rt.world_size, "masks_identical_across_ranks": agree, "iter": iter_num,
                   "tokens": iter_num * cfg.global_batch_size * cfg.block_size,
-                  "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": cfg.ppl_windows,
+                  "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": best_val, "ppl_windows": final_windows,
+                  "eval_iters": final_iters,
                   "train_seconds": round(train_seconds + time.time() - t_loop, 2),
                   **sparsity_report(raw_model), "config": asdict(cfg)}
         if rt.master:
@@ -367,7 +386,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
 
     t_loop = time.time()
     if cfg.eval_only:
-        val, ppl = evaluate_now()
+        val, ppl = evaluate_final()
         if rt.master:
             print(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
         return finish(val, ppl)
@@ -410,6 +429,8 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                 if iter_num > 0 and improved:
                     save("best.pt", training_state=False)
             if iter_num >= cfg.max_iters:
+                if final_differs:
+                    val, ppl = evaluate_final()
                 break
 
             # ---- one optimizer step
@@ -497,7 +518,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
             run.finish()
     save()
     if val is None:  # resumed a run that had already finished: report it again
-        val, ppl = evaluate_now()
+        val, ppl = evaluate_final()
     return finish(val, ppl)
 
 
