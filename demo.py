@@ -39,18 +39,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {
     "tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, teacher_iters=6, teacher_lr=3e-3,
                  retrain_iters=4, retrain_lr=1e-3, eval_interval=2, curve_eval_iters=1, curve_ppl_windows=2,
-                 eval_iters=2, ppl_windows=4, calib=8),
+                 eval_iters=2, ppl_windows=4, calib=8, teacher_ranks=1),
     # Sized on the 2-core development CPU (README, "Demo", sizing table). The lm_head over GPT-2's 50257 tokens
     # costs the same whatever the blocks are, so a narrow teacher with several blocks is the cheap way to make the
     # blocks matter: after 1.5M tokens one-shot 2:4 magnitude pruning costs 8 x 32 blocks 56 % in perplexity,
     # 12 x 32 34 %, 4 x 32 29 %, 4 x 64 16 %; 12 x 32 after 0.5M tokens only 14 %.
     "default": dict(n_layer=8, n_head=4, n_embd=32, block_size=128, batch_size=8, teacher_iters=1500,
-                    teacher_lr=5e-3, retrain_iters=100, retrain_lr=1e-3, eval_interval=10, curve_eval_iters=2,
-                    curve_ppl_windows=16, eval_iters=10, ppl_windows=200, calib=32),
+                    teacher_lr=5e-3, retrain_iters=60, retrain_lr=1e-3, eval_interval=5, curve_eval_iters=2,
+                    curve_ppl_windows=8, eval_iters=10, ppl_windows=200, calib=32, teacher_ranks=2),
     # The same recipe with twice the pretraining, four times the retraining and the full WikiText-2 test set.
     "full": dict(n_layer=8, n_head=4, n_embd=32, block_size=128, batch_size=8, teacher_iters=3000,
                  teacher_lr=5e-3, retrain_iters=400, retrain_lr=1e-3, eval_interval=20, curve_eval_iters=4,
-                 curve_ppl_windows=32, eval_iters=40, ppl_windows=0, calib=64),
+                 curve_ppl_windows=32, eval_iters=40, ppl_windows=0, calib=64, teacher_ranks=2),
 }
 
 # method -> (kind, main.py / prune.py flags). "prune": one-shot, run once (deterministic given the calibration
@@ -172,11 +172,11 @@ class Demo:
         return [*self.data_flags(), "--ppl_windows", p["ppl_windows"], "--eval_iters", p["eval_iters"],
                 "--batch_size", p["batch_size"], "--num_threads", self.threads]
 
-    def train_flags(self, iters, lr, out_dir, seed, eval_interval=None):
+    def train_flags(self, iters, lr, out_dir, seed, eval_interval=None, ranks=1):
         p = self.p
         every = eval_interval or p["eval_interval"]
         return ["--out_dir", out_dir, "--seed", seed, "--block_size", p["block_size"],
-                "--batch_size", p["batch_size"], "--global_batch_size", p["batch_size"], "--max_iters", iters,
+                "--batch_size", p["batch_size"] // ranks, "--global_batch_size", p["batch_size"], "--max_iters", iters,
                 "--learning_rate", lr, "--min_lr", lr / 10, "--warmup_iters", max(iters // 10, 1),
                 "--lr_decay_iters", iters, "--lr_tail", "hold", "--eval_interval", every,
                 "--log_interval", max(every // 2, 1), "--progress", "False", "--num_threads", self.threads,
@@ -215,11 +215,20 @@ class Demo:
                                f"{self.data}/calibration.pt")])
 
     def pretrain_teacher(self):
+        """main.py from scratch; with teacher_ranks > 1 as that many one-thread DDP ranks (torchrun), the
+        teacher being the one stage nothing else can run beside. The rank count is the preset's, never the
+        machine's: the same preset gives the same teacher on every machine of a CPU type."""
         p, d = self.p, os.path.join(self.out, "teacher")
-        cmd = self.py("main.py", "--init_from", self.resume_or(d, "scratch"), "--mode", "dense",
-                      "--n_layer", p["n_layer"], "--n_head", p["n_head"], "--n_embd", p["n_embd"],
-                      *self.train_flags(p["teacher_iters"], p["teacher_lr"], d, self.args.seed,
-                                        max(p["teacher_iters"] // 10, 1)))
+        ranks = p["teacher_ranks"]
+        if ranks < 1 or p["batch_size"] % ranks:
+            raise UserError(f"teacher_ranks {ranks} must be at least 1 and divide batch_size {p['batch_size']}")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+            if ranks > 1 else [sys.executable]
+        cmd = [*launch, os.path.join(HERE, "main.py"), *map(str, [
+            "--init_from", self.resume_or(d, "scratch"), "--mode", "dense", "--n_layer", p["n_layer"],
+            "--n_head", p["n_head"], "--n_embd", p["n_embd"],
+            *self.train_flags(p["teacher_iters"], p["teacher_lr"], d, self.args.seed,
+                              max(p["teacher_iters"] // 10, 1), ranks)])]
         self.stage("teacher", cmd, f"{d}/results.json")
         hf = os.path.join(self.out, "teacher_hf")
         self.stage("teacher_export", self.py("export.py", "--checkpoint", f"{d}/ckpt.pt", "--out", hf, "--force"),
