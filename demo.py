@@ -122,7 +122,7 @@ class Demo:
                "MKL_NUM_THREADS": str(self.threads), "TQDM_DISABLE": "1"}
         prefix = f"   [{name}] " if self.jobs > 1 else "   "
         t0 = time.time()
-        with open(os.path.join(self.out, "logs", f"{name}.log"), "a") as log:
+        with open(os.path.join(self.out, "logs", f"{name}.log"), "a", buffering=1) as log:  # lines, for tail -f
             log.write(f"$ {shlex.join(cmd)}\n# cwd {HERE}; OMP_NUM_THREADS={self.threads}; started "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n# demo.py preset {self.args.preset}, seeds "
                       f"{self.seeds}, settings {json.dumps(self.p)}\n")
