@@ -68,7 +68,8 @@ def group_series(runs, key):
 
 
 def figure(groups, panels=PANELS, references=None, title=None, columns=3):
-    """(matplotlib figure, the data it shows). groups: [(label, [run_dir, ...])]; references: {panel key:
+    """(matplotlib figure, the data it shows). groups: [(label, [run_dir, ...])] or run dirs (each its own line,
+    named by its folder); references: {panel key:
     [(label, value)]} drawn as horizontal lines (e.g. the teacher and the one-shot baselines)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -76,6 +77,7 @@ def figure(groups, panels=PANELS, references=None, title=None, columns=3):
     from matplotlib import ticker
 
     references = references or {}
+    groups = [(os.path.basename(os.path.normpath(g)), [g]) if isinstance(g, str) else g for g in groups]
     loaded = [(label, [read_metrics(d) for d in dirs]) for label, dirs in groups]
     data = {"panels": []}
     for key, name in panels:
