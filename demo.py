@@ -149,14 +149,18 @@ class Demo:
             print(text, flush=True)
 
     def parallel(self, jobs):
-        """Run the jobs (functions) --jobs at a time; the first failure is raised once all have stopped."""
+        """Run the jobs (functions) --jobs at a time. After a failure no new job starts; the running ones finish
+        (their stages stay reusable) and the first failure is raised."""
         if self.jobs == 1:
             for job in jobs:
                 job()
             return
         with concurrent.futures.ThreadPoolExecutor(self.jobs) as pool:
             futures = [pool.submit(job) for job in jobs]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            for f in futures:
+                f.cancel()  # only those not started yet
+        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
         if errors:
             raise errors[0]
 
