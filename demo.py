@@ -432,9 +432,11 @@ def summarize(per_run, seeds):
             continue
         pa, pb = per_seed(a, "wikitext_ppl"), per_seed(b, "wikitext_ppl")
         va, vb = per_seed(a, "val_loss"), per_seed(b, "val_loss")
+        if per_run[a][0][0] is None and per_run[b][0][0] is None:  # two single runs: one difference, no spread
+            pa, pb, va, vb = pa[:1], pb[:1], va[:1], vb[:1]
         rel = [x / y - 1 for x, y in zip(pa, pb)]
         dv = [x - y for x, y in zip(va, vb)]
-        comparisons.append({"a": a, "b": b, "label": f"{LABELS[a]} vs {LABELS[b]}", "seeds": seeds,
+        comparisons.append({"a": a, "b": b, "label": f"{LABELS[a]} vs {LABELS[b]}", "seeds": seeds[:len(rel)],
                             "wikitext_ppl_rel": {"per_seed": rel, **stats(rel), "holds": beyond_spread(rel)},
                             "val_loss_diff": {"per_seed": dv, **stats(dv), "holds": beyond_spread(dv)}})
     return {"teacher_ppl": teacher, "oneshot_magnitude_gap": oneshot / teacher - 1, "rows": rows,
@@ -454,7 +456,7 @@ def cell(s, fmt, pct=False):
 
 def verdict(d):
     if d["holds"] is None:
-        return "– (one seed)"
+        return "– (one run each)"
     if not d["holds"]:
         return "no"
     return "yes, A better" if d["mean"] < 0 else "yes, B better"
@@ -487,8 +489,8 @@ def markdown(summary):
     lines += ["", "Paired comparisons (A − B seed by seed, the same data order for both; negative = A better). "
               "\"Beyond the spread\": every seed agrees in sign and |mean| > 2 × the standard deviation of the "
               "paired differences.", "",
-              "| A vs B | WikiText-2 ppl, A / B − 1 | per seed | beyond the spread? | C4 val loss, A − B | per seed "
-              "| beyond the spread? |", "|---|---|---|---|---|---|---|"]
+              "| A vs B | WikiText-2 ppl, A / B − 1 | per seed (%) | beyond the spread? | C4 val loss, A − B "
+              "| per seed | beyond the spread? |", "|---|---|---|---|---|---|---|"]
     for c in summary["comparisons"]:
         p, v = c["wikitext_ppl_rel"], c["val_loss_diff"]
         lines.append(f"| {c['label']} | {cell(p, '+.2f', pct=True)} | "
@@ -497,7 +499,8 @@ def markdown(summary):
     if summary.get("samples"):
         first = summary["samples"][0]
         lines += ["", f"Samples (`sample.py`, temperature {first['temperature']}, top-k {first['top_k']}, seed "
-                      f"{first['seed']}, {first['max_new_tokens']} new tokens) of the prompt “{first['prompt']}”:", ""]
+                      f"{first['seed']}, {first['max_new_tokens']} new tokens) of the prompt "
+                      f"“{first['prompt']}”:", ""]
         for smp in summary["samples"]:
             for text in smp["samples"]:
                 lines.append(f"- **{smp['model']}**: …{' '.join(text.split())}")
