@@ -265,7 +265,8 @@ class Demo:
         for name, (kind, flags) in METHODS.items():
             flags = [f.format(**fill) for f in flags]
             if kind == "prune":
-                jobs.append((0, lambda name=name, flags=flags: self.prune(name, flags, teacher)))
+                jobs.append((0, lambda name=name, flags=flags: self.curve_reference(
+                    name, f"{self.prune(name, flags, teacher)}/model.pt")))
                 continue
             for seed, d in self.runs(name):
                 cmd = self.py("main.py", "--student_model", teacher, "--teacher_model", teacher,
@@ -274,7 +275,19 @@ class Demo:
                 cost = 2 if "--distill_model" in flags else 1
                 jobs.append((cost, lambda name=name, seed=seed, cmd=cmd, d=d:
                              self.stage(f"{name}_seed{seed}", cmd, f"{d}/results.json")))
+        jobs.append((0, lambda: self.curve_reference("teacher", teacher)))
         self.parallel([job for _, job in sorted(jobs, key=lambda j: -j[0])])
+
+    def curve_reference(self, name, model):
+        """The teacher or a one-shot model evaluated as the curves are (curve_eval_iters C4 batches, the first
+        curve_ppl_windows WikiText-2 windows): curves.png draws it as a horizontal line over the curves, so it
+        must come from the same windows, not from the table's larger evaluation."""
+        p, out = self.p, f"{self.out}/curve_refs/{name}.json"
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        self.stage(f"curve_ref_{name}", self.py("evaluate.py", "--model", model, "--block_size", p["block_size"],
+                                                *self.data_flags(), "--ppl_windows", p["curve_ppl_windows"],
+                                                "--eval_iters", p["curve_eval_iters"], "--batch_size",
+                                                p["batch_size"], "--num_threads", self.threads, "--out", out), out)
 
     def prune(self, name, flags, teacher):
         d = self.run_dir(name)
@@ -330,13 +343,14 @@ class Demo:
         with open(f"{self.out}/results.json", "w") as f:
             json.dump(summary, f, indent=2, ensure_ascii=False)
         trained = [m for m, (kind, _) in METHODS.items() if kind == "train"]
-        by = summary["by_key"]
-        refs = {key: [(LABELS[k], by[k][key]["mean"]) for k in ("teacher", *oneshot_methods())]
-                for key in ("wikitext_ppl", "val_loss")}
+        ref = {k: json.load(open(f"{self.out}/curve_refs/{k}.json")) for k in ("teacher", *oneshot_methods())}
+        refs = {key: [(LABELS[k], ref[k][key]) for k in ref] for key in ("wikitext_ppl", "val_loss")}
         plot.plot_runs([(LABELS[m], [d for _, d in self.runs(m)]) for m in trained], f"{self.out}/curves.png",
                        panels=[p for p in plot.PANELS if p[0] not in ("lr", "lambda")], references=refs,
                        title=f"demo preset {self.args.preset}: {len(self.seeds)} seed(s), mean with min-max band; "
-                             f"horizontal lines: the teacher and the one-shot models")
+                             f"horizontal lines: the teacher and the one-shot models; evaluations on "
+                             f"{self.p['curve_eval_iters']} C4 batches and {self.p['curve_ppl_windows']} WikiText-2 "
+                             f"windows")
         print("\n" + md)
         print(f"\nwrote {self.out}/results.md, results.json, curves.png and curves.json")
         return summary

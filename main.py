@@ -489,8 +489,12 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                 dt = (time.time() - t_log) / steps_since_log
                 t_log, steps_since_log = time.time(), 0
                 tok_s = cfg.global_batch_size * cfg.block_size / dt
-                row = {"iter": iter_num, "loss": loss_val, "lr": lr, "lambda": lam, "flip_ratio": flip[0],
-                       "flip_ratio_init": flip[1], "ms_per_iter": dt * 1000, "tokens_per_s": tok_s,
+                # flip ratios where masks are selected by score (a dense run has none; GMP/IMP masks change by
+                # pruning, their pruned fraction says how far)
+                reselected = cfg.mode == "sparse_forward" and cfg.prune_schedule == "none"
+                row = {"iter": iter_num, "loss": loss_val, "lr": lr, "lambda": lam,
+                       **({"flip_ratio": flip[0], "flip_ratio_init": flip[1]} if reselected else {}),
+                       "ms_per_iter": dt * 1000, "tokens_per_s": tok_s,
                        **({"pruned_fraction": pruned_fraction} if cfg.prune_schedule != "none" else {}), **parts}
                 log(row)
                 if rt.master:
