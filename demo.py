@@ -489,7 +489,8 @@ def markdown(summary):
              f"Machine: {m['cpu']} ({m['cpus']} CPUs), torch {m['torch']}, {m['threads_per_process']} thread(s) per "
              f"process, {m['jobs']} job(s) at a time, Python {m['python']}, git commit {m['git_commit'][:12]}"
              f"{' with uncommitted changes' if m['uncommitted_changes'] else ''}. The numbers are identical on the "
-             f"same CPU type whatever the threads and jobs; other CPUs differ (README, \"Demo\").", "",
+             f"same CPU type whatever the load and --jobs (the threads per process and the teacher's ranks are "
+             f"part of the recipe: they change the last digits); other CPUs differ (README, \"Demo\").", "",
              "| Method | Training | WikiText-2 ppl | ppl / dense control | ppl / teacher | one-shot gap recovered "
              "| C4 val loss | tokens per seed | wall time per seed | 2:4 check |",
              "|---|---|---|---|---|---|---|---|---|---|"]
