@@ -97,7 +97,7 @@ def figure(groups, panels=PANELS, references=None, title=None, columns=3):
     height = 3.6 * rows + legend_inches
     fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, height), squeeze=False)
     colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(groups)}
-    ref_styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+    ref_styles = [("black", "--"), ("C7", ":"), ("C8", "-."), ("C9", (0, (6, 2, 1, 2, 1, 2))), ("C6", (0, (1, 3)))]
     ref_labels = list(dict.fromkeys(r["label"] for p in shown for r in p["references"]))
     handles = {}
     for ax, panel in zip(axes.flat, shown):
@@ -110,9 +110,8 @@ def figure(groups, panels=PANELS, references=None, title=None, columns=3):
                 ax.fill_between(s["iters"], s["lo"], s["hi"], color=color, alpha=0.18, lw=0)
             handles.setdefault(s["label"], line)
         for r in panel["references"]:
-            style = ref_styles[ref_labels.index(r["label"]) % len(ref_styles)]
-            first = ref_labels.index(r["label"]) == 0
-            line = ax.axhline(r["value"], color="black" if first else "0.45", ls=style, lw=1.3, label=r["label"])
+            color, style = ref_styles[ref_labels.index(r["label"]) % len(ref_styles)]
+            line = ax.axhline(r["value"], color=color, ls=style, lw=1.4, label=r["label"])
             handles.setdefault(r["label"], line)
         ax.set_title(panel["title"], fontsize=10)
         ax.set_xlabel("iteration")
