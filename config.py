@@ -115,6 +115,10 @@ class TrainConfig:
     eval_interval: int = opt(2000, "steps between evaluations (and checkpoints)")
     eval_iters: int = opt(100, "C4 validation set: eval_iters x 8 fixed windows, whatever --batch_size")
     ppl_windows: int = opt(0, "WikiText-2 windows per evaluation (0 = the full test set)")
+    final_eval_iters: int = opt(0, "C4 validation batches of the last evaluation, the one results.json reports "
+                                   "(0 = --eval_iters): cheap evaluations for the curves, a precise final one")
+    final_ppl_windows: int = opt(-1, "WikiText-2 windows of the last evaluation, the one results.json reports "
+                                     "(-1 = --ppl_windows, 0 = the full test set)")
     eval_only: bool = opt(False, "evaluate the student (or init_from checkpoint) once and exit")
     zeroshot_tasks: str = opt("", "zero-shot accuracy of the final model (lm-evaluation-harness, as zeroshot.py) on "
                                   "these comma-separated tasks into results.json, e.g. boolq,rte,hellaswag,"
@@ -134,7 +138,7 @@ RESUME_MAY_CHANGE = frozenset({
     "config", "init_from", "out_dir", "overwrite", "keep_checkpoints", "max_iters", "eval_interval",
     "always_save_checkpoint", "eval_only", "log_interval", "progress", "wandb_logging", "wandb_project",
     "wandb_run_name", "num_threads", "compile", "backend", "gradient_checkpointing", "distill_chunk_size",
-    "shard_teacher", "zeroshot_tasks", "zeroshot_limit",
+    "shard_teacher", "zeroshot_tasks", "zeroshot_limit", "final_eval_iters", "final_ppl_windows",
 })
 ALIASES = {"output_flip_every": "mask_update_interval"}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -249,9 +253,12 @@ def validate(cfg: TrainConfig):
         if getattr(cfg, name) < 1 and not (name == "max_iters" and cfg.eval_only):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads",
-                 "distill_chunk_size", "zeroshot_limit"):
+                 "distill_chunk_size", "zeroshot_limit", "final_eval_iters"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
+    if cfg.final_ppl_windows < -1:
+        raise UserError(f"--final_ppl_windows must be -1 (= --ppl_windows), 0 (all) or more, got "
+                        f"{cfg.final_ppl_windows}")
     if cfg.srste_decay < 0 or cfg.learning_rate < 0 or cfg.min_lr < 0:
         raise UserError("--srste_decay, --learning_rate and --min_lr must be non-negative")
     if cfg.prune_schedule != "none":

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -272,6 +273,9 @@ def main(argv=None):
         print(help_text())
         return
     cfg = parse_config(argv)
+    if int(os.environ.get("RANK", 0)) == 0:  # a log starts with what made it
+        print(f"command: {shlex.join([os.path.basename(sys.executable), 'main.py', *argv])}")
+        print(f"config: {json.dumps(asdict(cfg))}", flush=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     rt = Runtime(cfg)
@@ -387,14 +391,33 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
     return run
 
 
-def evaluate_run(run: Run, rt: Runtime, should_stop=None):
+def evaluate_run(run: Run, rt: Runtime, should_stop=None, final=False):
     """(C4 validation loss, WikiText-2 perplexity) of the student, every rank taking its share of the windows.
-    should_stop is called before every batch; it raises to drop the evaluation."""
+    should_stop is called before every batch; it raises to drop the evaluation. final: the sizes results.json
+    reports (--final_eval_iters / --final_ppl_windows: cheap evaluations for the curves, a precise last one)."""
     cfg = run.cfg
-    val = validation_loss(run.raw, run.val_data, cfg.batch_size, cfg.eval_iters, rt.device, rt.ctx, rt.rank,
+    iters, windows = final_sizes(cfg) if final else (cfg.eval_iters, cfg.ppl_windows)
+    val = validation_loss(run.raw, run.val_data, cfg.batch_size, iters, rt.device, rt.ctx, rt.rank,
                           rt.world_size, should_stop=should_stop)
-    ppl = wikitext_perplexity(run.raw, run.wikitext, cfg.block_size, cfg.ppl_windows, cfg.batch_size,
+    ppl = wikitext_perplexity(run.raw, run.wikitext, cfg.block_size, windows, cfg.batch_size,
                               rt.device, rt.ctx, rt.rank, rt.world_size, should_stop=should_stop)
+    return val, ppl
+
+
+def final_sizes(cfg: TrainConfig):
+    """(C4 validation iters, WikiText-2 windows) of the evaluation results.json reports."""
+    return (cfg.final_eval_iters or cfg.eval_iters,
+            cfg.ppl_windows if cfg.final_ppl_windows == -1 else cfg.final_ppl_windows)
+
+
+def evaluate_final(run: Run, rt: Runtime, log):
+    """The evaluation results.json reports; logged as final_* when its sizes differ from the curves'."""
+    val, ppl = evaluate_run(run, rt, final=True)
+    iters, windows = final_sizes(run.cfg)
+    if (iters, windows) != (run.cfg.eval_iters, run.cfg.ppl_windows):
+        log({"iter": run.iter_num, "final_val_loss": val, "final_wikitext_ppl": ppl})
+        log.say(f"iter {run.iter_num}: final evaluation ({iters} C4 batches, {windows or 'all'} WikiText-2 "
+                f"windows): val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
     return val, ppl
 
 
@@ -495,9 +518,11 @@ def finish(run: Run, rt: Runtime, val, ppl):
     sharded = parallelize.is_sharded(run.raw)
     # under FSDP each rank holds other rows of the masks by design; under DDP they must be identical
     agree = None if sharded else masks_agree(rt.gather(mask_digest(run.raw)), run.iter_num)
+    iters, windows = final_sizes(cfg)
     result = {"world_size": rt.world_size, "parallel": cfg.parallel, "masks_identical_across_ranks": agree,
               "iter": run.iter_num, "tokens": run.iter_num * cfg.global_batch_size * cfg.block_size,
-              "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": run.best_val, "ppl_windows": cfg.ppl_windows,
+              "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": run.best_val, "ppl_windows": windows,
+              "eval_iters": iters,
               "train_seconds": round(run.seconds(), 2),
               **sparsity_report(run.raw, all_reduce_sum=rt.all_reduce_sum if sharded else None),
               "config": asdict(cfg), "resumes": run.resumes}
@@ -562,7 +587,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     cfg = run.cfg  # a sparse starting point's or the resumed run's settings, where they replaced defaults
     log = Log(run, rt)
     if cfg.eval_only:
-        val, ppl = evaluate_run(run, rt)
+        val, ppl = evaluate_final(run, rt, log)
         log.say(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
         log.close()
         return finish(run, rt, val, ppl)
@@ -603,6 +628,8 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                 if 0 < it < cfg.max_iters and (improved or cfg.always_save_checkpoint):
                     save_run(run, rt)  # the final one is written after the loop
             if run.iter_num >= cfg.max_iters:
+                if final_sizes(cfg) != (cfg.eval_iters, cfg.ppl_windows):
+                    val, ppl = evaluate_final(run, rt, log)
                 break
 
             step = train_step(run, rt, stop)
@@ -623,8 +650,12 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                 dt = (time.time() - t_log) / steps_since_log
                 t_log, steps_since_log = time.time(), 0
                 tok_s = cfg.global_batch_size * cfg.block_size / dt
-                row = {"iter": run.iter_num, "loss": loss_val, "lr": lr, "lambda": lam, "flip_ratio": run.flip[0],
-                       "flip_ratio_init": run.flip[1], "ms_per_iter": dt * 1000, "tokens_per_s": tok_s,
+                # flip ratios where masks are selected by score (a dense run has none; GMP/IMP masks change by
+                # pruning, their pruned fraction says how far)
+                reselected = cfg.mode == "sparse_forward" and cfg.prune_schedule == "none"
+                row = {"iter": run.iter_num, "loss": loss_val, "lr": lr, "lambda": lam,
+                       **({"flip_ratio": run.flip[0], "flip_ratio_init": run.flip[1]} if reselected else {}),
+                       "ms_per_iter": dt * 1000, "tokens_per_s": tok_s,
                        **({"pruned_fraction": run.pruned_fraction} if cfg.prune_schedule != "none" else {}),
                        **parts}
                 log(row)
@@ -640,7 +671,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
         for s, h in old_handlers.items():
             signal.signal(s, h)
     if val is None:  # resumed a run that had already finished: report it again
-        val, ppl = evaluate_run(run, rt)
+        val, ppl = evaluate_run(run, rt, final=True)
     return finish(run, rt, val, ppl)
 
 

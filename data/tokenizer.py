@@ -161,12 +161,12 @@ class Tokenizer:
 
     encode_document: a C4 document's ids, no special tokens (the prepare script appends eos after each);
     encode_stream: a whole text as Wanda/SparseGPT tokenise WikiText-2 (the tokenizer's own special tokens,
-    i.e. one BOS at the very start for OPT and LLaMA, none for GPT-2).
+    i.e. one BOS at the very start for OPT and LLaMA, none for GPT-2); decode: ids back to text (sample.py).
     """
 
-    def __init__(self, name, vocab_size, eos_id, encode_document, encode_stream, source):
+    def __init__(self, name, vocab_size, eos_id, encode_document, encode_stream, source, decode):
         self.name, self.vocab_size, self.eos_id, self.source = name, vocab_size, eos_id, source
-        self.encode_document, self.encode_stream = encode_document, encode_stream
+        self.encode_document, self.encode_stream, self.decode = encode_document, encode_stream, decode
         self.dtype = "uint16" if vocab_size <= 2 ** 16 else "uint32"
         self.fingerprint = fingerprint(encode_document(PROBE), vocab_size)
 
@@ -198,7 +198,7 @@ def get_tokenizer(tokenizer=None, tokenizer_dir=None) -> Tokenizer:
     if not tokenizer:
         enc = get_gpt2_encoding(tokenizer_dir)
         return Tokenizer("tiktoken gpt2", VOCAB_SIZE, EOT, enc.encode_ordinary, enc.encode_ordinary,
-                         tokenizer_source(tokenizer_dir))
+                         tokenizer_source(tokenizer_dir), enc.decode)
     if not os.path.isdir(tokenizer):
         raise UserError(f"--tokenizer {tokenizer} is not a folder: pass a model folder that holds its tokenizer")
     if not has_hf_tokenizer(tokenizer):
@@ -210,7 +210,8 @@ def get_tokenizer(tokenizer=None, tokenizer_dir=None) -> Tokenizer:
     name = os.path.basename(os.path.normpath(tokenizer)) + f" ({type(tok).__name__})"
     return Tokenizer(name, len(tok), tok.eos_token_id,
                      lambda text: tok(text, add_special_tokens=False)["input_ids"],
-                     lambda text: tok(text)["input_ids"], os.path.abspath(tokenizer))
+                     lambda text: tok(text)["input_ids"], os.path.abspath(tokenizer),
+                     lambda ids: tok.decode(ids))
 
 
 @functools.lru_cache(maxsize=None)

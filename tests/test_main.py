@@ -234,3 +234,23 @@ def test_non_finite_loss_stops_with_one_line(tiny_data, tiny_models, tmp_path):
     proc = run_cli(shrink(tiny_data, tiny_models, tmp_path / "run", "--learning_rate", "1e38", "--min_lr", "1e38",
                           "--grad_clip", "0"))
     assert proc.returncode == 2 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_final_evaluation_sizes_are_the_ones_results_json_reports(tiny_data, tiny_models, tmp_path):
+    """Cheap evaluations for the curves, a larger last one for the result, equal to evaluate.py's on the model."""
+    import evaluate
+
+    res = main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "run", "--eval_iters", "1", "--ppl_windows", "2",
+                               "--final_eval_iters", "3", "--final_ppl_windows", "5"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    final = [r for r in rows if "final_val_loss" in r]
+    assert len(final) == 1 and final[0]["iter"] == 6
+    assert (res["eval_iters"], res["ppl_windows"]) == (3, 5)
+    assert (res["val_loss"], res["wikitext_ppl"]) == (final[0]["final_val_loss"], final[0]["final_wikitext_ppl"])
+    curve_last = [r for r in rows if "wikitext_ppl" in r][-1]
+    assert curve_last["iter"] == 6 and curve_last["wikitext_ppl"] != res["wikitext_ppl"]  # 2 windows, not 5
+    ref = evaluate.main(["--model", str(tmp_path / "run" / "ckpt.pt"), "--wikitext_dir", tiny_data["wikitext_dir"],
+                         "--data_dir", tiny_data["data_dir"], "--block_size", "32", "--batch_size", "2",
+                         "--eval_iters", "3", "--ppl_windows", "5", "--device", "cpu"])
+    assert res["wikitext_ppl"] == pytest.approx(ref["wikitext_ppl"], rel=1e-6)
+    assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
