@@ -91,7 +91,8 @@ LABELS = {"teacher": "Dense teacher (start)", "dense_continued": "Dense, continu
 # The paper's claims, as (A, B) pairs: is A better than B, paired seed by seed, beyond the seed-to-seed spread?
 COMPARISONS = [("ast_boosted", "ast_naive"), ("ast_naive", "naive_retrain"), ("ast_boosted", "naive_retrain"),
                ("ast_naive", "gmp"), ("ast_naive", "imp"), ("naive_retrain", "oneshot_sparsegpt"),
-               ("oneshot_sparsegpt", "oneshot_magnitude"), ("ast_boosted", "dense_continued")]
+               ("oneshot_sparsegpt", "oneshot_magnitude"), ("oneshot_wanda_recon", "oneshot_wanda"),
+               ("ast_boosted", "oneshot_wanda_recon"), ("ast_boosted", "dense_continued")]
 # sample.py on one prompt: the teacher, the one-shot model and AST-Boosted (its first seed)
 SAMPLES = dict(prompt="The city council said on Monday that", num_samples=2, max_new_tokens=30, temperature=0.8,
                top_k=50, seed=0)

@@ -66,9 +66,14 @@ def pair(tiny_models, family_models):
 def test_fsdp_on_two_ranks_trains_like_one_process_and_exports_the_same_folder(family, port, pair, tiny_data,
                                                                                 tmp_path):
     student, teacher = pair[family]
-    one = main_mod.main(args_for(student, teacher, tiny_data, tmp_path / "one"))
-    run_torchrun(args_for(student, teacher, tiny_data, tmp_path / "two", "--parallel", "fsdp"), port)
+    # GPT-2 also scores the final model zero-shot: under fsdp every rank runs the harness's forwards in lockstep
+    extra = ["--zeroshot_tasks", "arc_easy", "--zeroshot_limit", "4"] if family == "gpt2" else []
+    one = main_mod.main(args_for(student, teacher, tiny_data, tmp_path / "one", *extra))
+    run_torchrun(args_for(student, teacher, tiny_data, tmp_path / "two", "--parallel", "fsdp", *extra), port)
     two = json.load(open(tmp_path / "two" / "results.json"))
+    if extra:
+        a, b = one["zeroshot"]["tasks"]["arc_easy"], two["zeroshot"]["tasks"]["arc_easy"]
+        assert b["n"] == a["n"] == 4 and b["acc"] == a["acc"] and b["acc_norm"] == a["acc_norm"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert two["wikitext_ppl"] == pytest.approx(one["wikitext_ppl"], rel=1e-5)
     assert two["parallel"] == "fsdp" and two["world_size"] == 2 and two["masks_identical_across_ranks"] is None
