@@ -169,7 +169,7 @@ def length_batches(inputs, batch_size):
 
 class HarnessLM(TemplateLM):
     """The harness's view of one of our models: log-likelihoods of (context, continuation) token lists from
-    model.features + model.lm_head, i.e. the model's own forward (its logits are lm_head(features)), with the
+    the model's features + model.lm_head, i.e. the model's own forward (its logits are lm_head(features)), with the
     head applied only where a scored token is predicted; batches of distinct inputs, longest first."""
 
     def __init__(self, model, batch_size=DEFAULT_BATCH_SIZE, device="cpu", ctx=None, tokenizer_dir="",
@@ -221,7 +221,9 @@ class HarnessLM(TemplateLM):
             for row, inp in enumerate(batch):
                 x[row, :len(inp)] = torch.tensor(inp)
             with self.ctx:
-                feats = self.model.features(x.to(self._device))
+                # through forward (not .features) so that a model sharded by FSDP gathers its root's
+                # parameters (embeddings, the head) as in training
+                feats = self.model(x.to(self._device), features_only=True)
                 picked = torch.cat([feats[row, len(inp) - need[inp]:len(inp)] for row, inp in enumerate(batch)])
                 logprobs = torch.log_softmax(self.model.lm_head(picked).float(), dim=-1)
             # every scored token of the batch at once (one device sync): its row in logprobs, its id, its request
