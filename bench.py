@@ -156,7 +156,8 @@ class Trainer:
     def __init__(self, preset: Preset, variant: Variant, device="cpu", dtype="float32",
                  gradient_checkpointing=False, teacher=None, seed=0):
         from distill import Distiller
-        from main import PTDTYPE, configure_optimizer
+        from main import configure_optimizer
+        from parallelize import PTDTYPE
         from model import GPT
         from sparsity import sparsify
 

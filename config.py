@@ -42,7 +42,7 @@ class TrainConfig:
     data_dir: str = opt("data/c4_dataset", "folder with train.bin and val.bin from data/c4_dataset/prepare.py "
                                            "(made with the student's tokenizer)")
     wikitext_dir: str = opt("data/wikitext", "folder with test.bin from data/wikitext/prepare.py (made with the "
-                                             "student's tokenizer)")
+                                             "student's tokenizer); '' = no WikiText-2 perplexity")
     calibration: str = opt("", "Wanda calibration file from prepare_calibration_data.py ('' = windows of train.bin)")
     calib_nsamples: int = opt(128, "calibration windows drawn from train.bin when --calibration is empty")
     seed: int = opt(1337, "seeds the data order, initialisation and every RNG")

@@ -37,7 +37,7 @@ from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_
                          load_wikitext_tokens, micro_batches)
 from evaluate import sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig, resolve_model_path
-from parallelize import PTDTYPE, Runtime  # noqa: F401  (PTDTYPE: bench.py reads it from here)
+from parallelize import Runtime
 from rundir import clear_run, open_run, trim_metrics
 from sparsity import (SRSTEAdamW, local, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers,
                       sparsify, srste_lambda, update_masks)
@@ -81,9 +81,6 @@ def load_student(cfg: TrainConfig):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout))
-    if cfg.init_from and not os.path.exists(resolve_model_path(cfg.init_from)):
-        raise UserError(f"--init_from {cfg.init_from!r} is none of: resume, scratch, an existing checkpoint "
-                        f"file, an export or Hugging Face model folder")
     return load_model(cfg.init_from or cfg.student_model, block_size=cfg.block_size,
                       what="--init_from" if cfg.init_from else "--student_model")
 
@@ -316,10 +313,13 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
         for warning in config_warnings(cfg):
             print(f"warning: {warning}", file=sys.stderr)
 
-    # ---- data (checked before the model is loaded, so a typo fails fast)
+    # ---- flags that name files, and the data (checked before the model is loaded, so a typo fails fast)
+    if cfg.init_from not in ("", "scratch", "resume") and not os.path.exists(resolve_model_path(cfg.init_from)):
+        raise UserError(f"--init_from {cfg.init_from!r} is none of: resume, scratch, an existing checkpoint "
+                        f"file, an export or Hugging Face model folder")
     train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size)
     val_data = BinDataset(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size)
-    wikitext = load_wikitext_tokens(cfg.wikitext_dir, "test")
+    wikitext = load_wikitext_tokens(cfg.wikitext_dir, "test") if cfg.wikitext_dir else None  # '' = no perplexity
     per_step = cfg.batch_size * rt.world_size
     if cfg.global_batch_size % per_step:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} is not divisible by --batch_size "
@@ -340,7 +340,8 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
     val_data.check_model(model)
-    check_wikitext(cfg.wikitext_dir, wikitext, model)
+    if wikitext is not None:
+        check_wikitext(cfg.wikitext_dir, wikitext, model)
     bf16_shards = rt.device_type == "cuda" and rt.dtype == "bfloat16"
     distiller = None
     if cfg.distill_model:
@@ -399,9 +400,15 @@ def evaluate_run(run: Run, rt: Runtime, should_stop=None, final=False):
     iters, windows = final_sizes(cfg) if final else (cfg.eval_iters, cfg.ppl_windows)
     val = validation_loss(run.raw, run.val_data, cfg.batch_size, iters, rt.device, rt.ctx, rt.rank,
                           rt.world_size, should_stop=should_stop)
-    ppl = wikitext_perplexity(run.raw, run.wikitext, cfg.block_size, windows, cfg.batch_size,
-                              rt.device, rt.ctx, rt.rank, rt.world_size, should_stop=should_stop)
+    ppl = None if run.wikitext is None else wikitext_perplexity(
+        run.raw, run.wikitext, cfg.block_size, windows, cfg.batch_size, rt.device, rt.ctx, rt.rank, rt.world_size,
+        should_stop=should_stop)
     return val, ppl
+
+
+def eval_line(val, ppl):
+    """'val loss X, wikitext-2 ppl Y' (without the perplexity under --wikitext_dir '')."""
+    return f"val loss {val:.4f}" + ("" if ppl is None else f", wikitext-2 ppl {ppl:.2f}")
 
 
 def final_sizes(cfg: TrainConfig):
@@ -417,7 +424,7 @@ def evaluate_final(run: Run, rt: Runtime, log):
     if (iters, windows) != (run.cfg.eval_iters, run.cfg.ppl_windows):
         log({"iter": run.iter_num, "final_val_loss": val, "final_wikitext_ppl": ppl})
         log.say(f"iter {run.iter_num}: final evaluation ({iters} C4 batches, {windows or 'all'} WikiText-2 "
-                f"windows): val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+                f"windows): {eval_line(val, ppl)}")
     return val, ppl
 
 
@@ -588,7 +595,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     log = Log(run, rt)
     if cfg.eval_only:
         val, ppl = evaluate_final(run, rt, log)
-        log.say(f"eval: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+        log.say(f"eval: {eval_line(val, ppl)}")
         log.close()
         return finish(run, rt, val, ppl)
 
@@ -622,7 +629,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                 improved = val < run.best_val
                 run.best_val = min(run.best_val, val)
                 log({"iter": it, "val_loss": val, "wikitext_ppl": ppl})
-                log.say(f"iter {it}: val loss {val:.4f}, wikitext-2 ppl {ppl:.2f}")
+                log.say(f"iter {it}: {eval_line(val, ppl)}")
                 if it > 0 and improved:  # before the checkpoint: one at iter N implies best.pt is current
                     save_run(run, rt, best=True)
                 if 0 < it < cfg.max_iters and (improved or cfg.always_save_checkpoint):

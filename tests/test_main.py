@@ -201,6 +201,18 @@ def test_eval_only_evaluates_a_checkpoint_without_training(tiny_data, tiny_model
     assert os.path.getmtime(ckpt) == before and not (tmp_path / "eval" / "ckpt.pt").exists()
 
 
+def test_empty_wikitext_dir_trains_without_perplexity_and_the_same_c4_loss(tiny_data, tiny_models, tmp_path):
+    with_ppl = main_mod.main(shrink(tiny_data, tiny_models, tmp_path / "a", "--max_iters", "3"))
+    args = shrink(tiny_data, tiny_models, tmp_path / "b", "--max_iters", "3")
+    args[args.index("--wikitext_dir") + 1] = ""
+    without = main_mod.main(args)
+    assert without["wikitext_ppl"] is None and with_ppl["wikitext_ppl"] > 1
+    assert without["val_loss"] == with_ppl["val_loss"]  # the same run otherwise
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert any("val_loss" in r and r["wikitext_ppl"] is None for r in rows)
+
+
 def test_readme_flag_table_is_generated_from_the_dataclass():
     readme = open(os.path.join(REPO_ROOT, "README.md")).read()
     assert flag_table_markdown() in readme, "regenerate the README flag table: python -c 'import config; " \
