@@ -1,6 +1,7 @@
 """Benchmarks: `python bench.py --preset tiny|small|gpt2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
 
-Other flags: --variants (the training-step variants), --repeats / --warmup (the preset's by default), --out FILE.
+Other flags: --variants (the training-step variants), --prune_methods (the prune section's rows), --repeats /
+--warmup (the preset's by default), --out FILE.
 The prune section (prune.py's methods on a random OPT of the preset's shape) runs only when named in --only.
 
 Every compared figure is a ratio against a baseline measured in the same run, interleaved: each repeat round
@@ -462,14 +463,15 @@ def prune_timing(args):
         return lambda m: prune.prune_model(m, method, tokens=tokens, batch_size=p.batch_size,
                                            reconstruct=reconstruct, progress=False)
 
-    fns = {"dense forward": dense_forward, **{name: pruner(*how) for name, how in PRUNE_METHODS.items()}}
-    setup = {name: (lambda: copy.deepcopy(model)) for name in PRUNE_METHODS}
+    methods = args.prune_methods
+    fns = {"dense forward": dense_forward, **{name: pruner(*PRUNE_METHODS[name]) for name in methods}}
+    setup = {name: (lambda: copy.deepcopy(model)) for name in methods}
     times = interleaved(fns, args.repeats, args.warmup, args.device, setup=setup)
     blocks = p.n_layer
     common = dict(model=f"OPT, {p.n_layer} x {p.n_embd}", windows=p.prune_windows, window=p.block_size,
                   batch=p.batch_size)
     rows = [dict(what="dense forward of the calibration set", **common, **time_stats(times["dense forward"]))]
-    for name in PRUNE_METHODS:
+    for name in methods:
         per_block = [t / blocks for t in times[name]]
         rows.append(dict(what=name, **common, **time_stats(times[name]),
                          seconds_per_block=round(statistics.median(per_block), 4),
@@ -989,6 +991,9 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(STEP_VARIANTS),
                         help=f"training-step variants to time (dense, the baseline, always runs): "
                              f"{', '.join(STEP_VARIANTS)}")
+    parser.add_argument("--prune_methods", default=",".join(PRUNE_METHODS),
+                        help=f"rows of the prune section (the dense forward, the unit, always runs): "
+                             f"{', '.join(PRUNE_METHODS)}")
     parser.add_argument("--out", default=None, help="JSON file (default: out/bench_PRESET_DEVICE.json)")
     parser.add_argument("--markdown", nargs="+", default=None, metavar="JSON",
                         help="print saved results (e.g. from scripts/gpu_check.sh) as Markdown tables and exit")
@@ -1009,6 +1014,12 @@ def main(argv=None):
     if unknown:
         raise UserError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(STEP_VARIANTS)}")
     args.variants = ["dense"] + [v for v in STEP_VARIANTS if v in variants and v != "dense"]
+    methods = [m for m in args.prune_methods.split(",") if m]
+    unknown = [m for m in methods if m not in PRUNE_METHODS]
+    if unknown or not methods:
+        raise UserError(f"unknown prune method(s) {', '.join(unknown) or '(none given)'}: choose from "
+                        f"{', '.join(PRUNE_METHODS)}")
+    args.prune_methods = [m for m in PRUNE_METHODS if m in methods]
     args.preset_name, args.preset = args.preset, PRESETS[args.preset]
     args.threads = args.preset.threads if args.threads is None else args.threads
     if args.threads < 0:

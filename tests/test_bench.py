@@ -104,6 +104,8 @@ def test_unknown_sections_and_variants_are_one_line_errors():
         bench.main(["--only", "nope"])
     with pytest.raises(UserError, match="unknown variant"):
         bench.main(["--variants", "masks,nope"])
+    with pytest.raises(UserError, match="unknown prune method"):
+        bench.main(["--only", "prune", "--prune_methods", "wanda,obs"])
 
 
 # ---------------------------------------------------------------------------------------------- timing helpers
@@ -235,3 +237,6 @@ def test_prune_section_times_every_method_per_block_against_one_dense_forward(tm
         assert row["seconds_per_block"] == pytest.approx(row["median_s"] / preset.n_layer, abs=1e-4)
         assert row["per_block_vs_dense_forward_min"] <= row["per_block_vs_dense_forward"] > 0
     assert json.load(open(tmp_path / "prune.json"))["prune"] == rows
+    some = bench.main(["--preset", "tiny", "--only", "prune", "--repeats", "1", "--warmup", "0",
+                       "--prune_methods", "sparsegpt,wanda", "--out", str(tmp_path / "some.json")])["prune"]
+    assert [r["what"] for r in some] == ["dense forward of the calibration set", "wanda", "sparsegpt"]
