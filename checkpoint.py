@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import families
-from cli import REPO_ROOT, UserError
+from cli import REPO_ROOT, UserError, is_rank_zero, write_text
 from data.tokenizer import folder_fingerprint, gpt2_fingerprint, has_hf_tokenizer
 from model import GPT, GPTConfig, resolve_model_path
 from sparsity import layer_args, nm_mask, sparse_layers, sparsify
@@ -102,8 +102,8 @@ def load_model(path: str, block_size=None, dtype=torch.float32, what="--model"):
     path = resolve_model_path(path)
     if os.path.isfile(path):
         model = build_model(load_checkpoint(path), block_size=block_size).to(dtype)
-    elif sharded_checkpoint(path):
-        model = load_sharded_model(sharded_checkpoint(path), block_size=block_size).to(dtype)
+    elif folder := sharded_checkpoint(path):
+        model = load_sharded_model(folder, block_size=block_size).to(dtype)
     elif os.path.isdir(path):
         model = families.from_pretrained(path, block_size=block_size, dtype=dtype)
         model.tokenizer_info = _default_tokenizer(model.family, path)
@@ -196,12 +196,7 @@ def _accepted_digests(path: str) -> list:
 
 
 def _write_digests(path: str, digests):
-    tmp = path + SUMS + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(f"{d}  {os.path.basename(path)}\n" for d in digests)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path + SUMS)
+    write_text(path + SUMS, "".join(f"{d}  {os.path.basename(path)}\n" for d in digests))
 
 
 def _fsync_dir(path: str):
@@ -245,9 +240,8 @@ def save_checkpoint(obj: dict, path: str) -> str:
         _install(tmp, path, digest)
         return digest
     except (OSError, RuntimeError) as e:  # ENOSPC, EDQUOT, EIO...; torch reports a failed write as RuntimeError
-        for leftover in (tmp, path + SUMS + ".tmp"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        if os.path.exists(tmp):  # (write_text leaves no temporary file of the .sha256)
+            os.remove(tmp)
         raise _write_failed(path, e) from None
 
 
@@ -463,7 +457,7 @@ def from_nanogpt(ckpt: dict, path: str) -> dict:
         diff = sorted(set(got) ^ set(expected)) or [k for k in got if got[k] != expected[k]] or ["lm_head.weight"]
         raise UserError(f"{path} looks like a nanoGPT checkpoint but its weights do not map onto GPT-2 "
                         f"(first mismatch: {diff[0]}); export it to a Hugging Face GPT-2 folder and use that")
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank_zero():
         print(f"note: {path} is a nanoGPT checkpoint (iter {ckpt.get('iter_num', '?')}): converted; nanoGPT's "
               f"exact GELU becomes GPT-2's tanh approximation (outputs differ slightly)", file=sys.stderr)
     return {"model": sd, "model_args": dict(vars(config)), "sparse_layers": [], "sparsity_args": None,

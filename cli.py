@@ -68,21 +68,34 @@ def default_data_root() -> str:
     return os.environ.get(DATA_ENV) or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
-def write_json(path, obj):
-    """Write obj as JSON whole or not at all: a hidden temporary sibling, then a rename (no half-written file)."""
-    import json
+def temp_name(path):
+    """A hidden sibling name: an interrupted write leaves `.train.bin.PID.tmp`, never a short `train.bin`."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
 
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+
+def write_text(path, text):
+    """Write text to path whole or not at all: a hidden temporary sibling, fsynced, then a rename (a crash or a
+    failed write leaves the previous file as it was, and no temporary file behind)."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    """Write obj as JSON (indented, UTF-8), whole or not at all (write_text)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_model_config(path) -> dict:
     """config.json of a local Hugging Face model folder, with one-line errors for a missing or broken folder."""
-    import json
-
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise UserError(f"model folder {path} not found: pass a Hugging Face model folder (model_type gpt2, opt, "

@@ -155,8 +155,7 @@ class Demo:
             raise UserError(f"stage {name} stopped before finishing; rerun demo.py to continue it")
         with self.lock:
             self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
-            with open(self.timings_path, "w") as f:
-                json.dump(self.timings, f, indent=2)
+            cli.write_json(self.timings_path, self.timings)
 
     def say(self, text):
         with self.lock:
@@ -396,10 +395,8 @@ class Demo:
                    "samples": [{**s, "model_path": s["model"], "model": label} for label, s in samples],
                    "total_stage_seconds": sum(self.timings.values())}
         md = markdown(summary)
-        with open(f"{self.out}/results.md", "w") as f:
-            f.write(md + "\n")
-        with open(f"{self.out}/results.json", "w") as f:
-            json.dump(summary, f, indent=2, ensure_ascii=False)
+        cli.write_text(f"{self.out}/results.md", md + "\n")
+        cli.write_json(f"{self.out}/results.json", summary)
         trained = [m for m, (kind, _) in METHODS.items() if kind == "train"]
         ref = {k: json.load(open(f"{self.out}/curve_refs/{k}.json")) for k in ("teacher", *oneshot_methods())}
         refs = {key: [(LABELS[k], ref[k][key]) for k in ref] for key in ("wikitext_ppl", "val_loss")}

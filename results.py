@@ -249,16 +249,14 @@ def main(argv=None):
     if not labelled and not args.paths:
         raise UserError("no runs given: pass results files or folders, or --label NAME=PATH")
     rows = collect(labelled, args.paths)
-    tables = [markdown(first) for first in [first_table_rows(rows)] if first]
-    tables += [zeroshot_markdown(zs) for zs in [[r for r in rows if r.get("zeroshot_cells")]] if zs]
-    table = "\n\n".join(tables)
+    first, zeroshot = first_table_rows(rows), [r for r in rows if r.get("zeroshot_cells")]
+    table = "\n\n".join(([markdown(first)] if first else []) + ([zeroshot_markdown(zeroshot)] if zeroshot else []))
     print(table)
     if any("@" in name for name, _ in labelled):
         table = paper_table(rows)
         print("\n" + table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2, ensure_ascii=False)
+        cli.write_json(args.json, rows)
     return table, rows
 
 

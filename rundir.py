@@ -12,7 +12,7 @@ import shutil
 import sys
 
 from checkpoint import SHARDED_EXTRA, SUMS, checkpoint_history, load_checkpoint, newest_intact, sharded_checkpoint
-from cli import UserError
+from cli import UserError, write_text
 from config import FIELDS, RESUME_MAY_CHANGE, TrainConfig
 
 RUN_FILES = ("ckpt.pt", "best.pt", "results.json", "metrics.jsonl", "ckpt", "best")  # folders: --parallel fsdp
@@ -76,12 +76,7 @@ def trim_metrics(path: str, iter_num: int) -> int:
             else:
                 keep.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text(path, "".join(keep))
     return dropped
 
 

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
-from cli import UserError  # noqa: E402
+from cli import UserError, temp_name  # noqa: E402
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,11 +116,6 @@ def refuse_existing(paths, force):
     for path in paths:
         if os.path.exists(path) and not force:
             raise UserError(f"{path} already exists: pass --force to overwrite it")
-
-
-def temp_name(path):
-    """A hidden sibling name: an interrupted run leaves `.train.bin.tmp`, never a short `train.bin`."""
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
 
 
 def now_utc():
