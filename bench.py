@@ -1007,8 +1007,6 @@ def main(argv=None):
     if unknown or not requested:
         raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(SECTIONS)}")
     names = [n for n in SECTIONS if n in requested]  # always in SECTIONS order
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no GPU is visible; use --device cpu")
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in STEP_VARIANTS]
     if unknown:

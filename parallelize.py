@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from cli import UserError, check_device
 from sparsity import sparse_layers
 
 PARALLEL = ("ddp", "fsdp")
@@ -47,12 +47,8 @@ class Runtime:
         if self.parallel == "fsdp" and not self.ddp:
             raise UserError("--parallel fsdp shards the model over the ranks of torchrun: launch with "
                             "`torchrun --nproc_per_node=N main.py ...` (N = 1 works too)")
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = check_device(cfg.device)  # auto resolved; a GPU that is not there is a one-line error
         if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda but no GPU is visible; use --device cpu")
             if self.ddp:
                 device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(device)
@@ -215,14 +211,3 @@ def gather_masks(layers, world):
 def _drop_masks(layers):
     for layer in layers:
         layer.gathered_mask = None
-
-
-@torch.no_grad()
-def full_masks(model, world):
-    """{layer name: full (out, in) mask} on every rank (for the final report and tests), one gather per layer."""
-    out = {}
-    for name, layer in sparse_layers(model):
-        gather_masks([layer], world)
-        out[name] = layer.gathered_mask
-        layer.gathered_mask = None
-    return out

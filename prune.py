@@ -394,8 +394,6 @@ def parse_args(argv=None):
         raise UserError(f"--blocksize {args.blocksize} must be a multiple of --m {args.m}")
     if min(args.batch_size, args.blocksize) < 1 or min(args.block_size, args.nsamples, args.percdamp) < 0:
         raise UserError("--batch_size and --blocksize must be >= 1; --block_size, --nsamples, --percdamp >= 0")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 

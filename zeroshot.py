@@ -387,8 +387,7 @@ def main(argv=None):
     task_files(tasks, args.data_root)  # fail fast, before the model is loaded
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = load_model(args.model, dtype=dtype).to(args.device)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
     z = evaluate_model(model, tasks, args.limit, args.batch_size, args.device, tokenizer_dir=args.tokenizer,
                        data_root=args.data_root, progress=sys.stderr.isatty())
     result = {"model": args.model, "dtype": args.dtype, **sparsity_report(model), "zeroshot": z}
