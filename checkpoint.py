@@ -18,6 +18,7 @@ export.py and evaluate.py take the folder directly.
 """
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -227,11 +228,44 @@ def _write_failed(path: str, e: Exception):
                      f"another folder, then run again")
 
 
+# ------------------------------------------------------------------------------------------------ masks on disk
+# A bool tensor takes a byte per element in torch.save: for 2:4 masks that is a quarter of fp32 weights' size,
+# twice over (mask and init_mask). On disk each mask is stored as bits, and an init_mask equal to its mask (every
+# one-shot output, a run before its first mask change) as a reference: 1 bit per masked weight, 2 at most.
+def pack_masks(sd: dict) -> dict:
+    """A state dict whose bool tensors are {"bits": uint8, "shape": ...} (or {"same_as": key}): see above."""
+    out = {}
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+            twin = key[:-len("init_mask")] + "mask" if key.endswith(".init_mask") else None
+            if twin is not None and twin in sd and torch.equal(value, sd[twin]):
+                value = {"same_as": twin}
+            else:
+                bits = np.packbits(value.detach().cpu().numpy().reshape(-1))
+                value = {"bits": torch.from_numpy(bits), "shape": list(value.shape)}
+        out[key] = value
+    return out
+
+
+def unpack_masks(sd: dict) -> dict:
+    """Inverse of pack_masks(); a state dict with plain bool tensors passes through."""
+    out = {}
+    for key, value in sd.items():
+        if isinstance(value, dict) and "bits" in value:
+            n = math.prod(value["shape"])
+            value = torch.from_numpy(np.unpackbits(value["bits"].numpy(), count=n).astype(bool)).reshape(
+                value["shape"])
+        out[key] = value
+    return {key: out[value["same_as"]].clone() if isinstance(value, dict) else value for key, value in out.items()}
+
+
 def save_checkpoint(obj: dict, path: str) -> str:
     """Write to a temporary name, fsync, then rename: a crash or a full disk mid-write never touches the
-    previous file. Writes path.sha256 beside it; returns the digest."""
+    previous file. Writes path.sha256 beside it; returns the digest. Masks are stored as bits (pack_masks)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
+    if isinstance(obj.get("model"), dict):
+        obj = {**obj, "model": pack_masks(obj["model"])}
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
@@ -302,10 +336,13 @@ def _read(path: str):
         raise UserError(f"{path} {problem}")
     try:
         # weights_only=False: our own checkpoints carry Python and NumPy RNG states (trusted files only).
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        ckpt["model"] = unpack_masks(ckpt["model"])
+    return ckpt
 
 
 def _iteration(path, ckpt=None):

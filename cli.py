@@ -173,3 +173,59 @@ def run(main, *args, **kwargs):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """Progress of long work: a tqdm bar on a terminal, else plain lines with the elapsed time and an ETA.
+
+    Off a terminal (a log file, a job scheduler's output) a bar is a wall of carriage returns, and nothing at all
+    while tqdm is disabled, so a 7B pruning would run for hours in silence. There each update prints one line on
+    stdout, at most one per `every` seconds (0: every update), and always the last:
+
+        wanda: block 7/30 (23%), 1m05s elapsed, ETA 3m36s
+
+    enabled=False says nothing at all; on a terminal the bar goes to stderr as tqdm's always did.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "", enabled: bool = True, every: float = 30.0,
+                 initial: int = 0, terminal=None):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done = self.start_done = initial
+        self.enabled = enabled
+        self.bar = None
+        self.t0 = self.last = time.time()
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        if enabled and terminal:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def line(self) -> str:
+        elapsed = time.time() - self.t0
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else None
+        what = f"{self.unit} " if self.unit else ""
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        eta = f", ETA {_duration(left)}" if left is not None and self.done < self.total else ""
+        return f"{self.desc}: {what}{self.done}/{self.total}{share}, {_duration(elapsed)} elapsed{eta}"
+
+    def update(self, n: int = 1):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.done >= self.total or time.time() - self.last >= self.every):
+            self.last = time.time()
+            print(self.line(), flush=True)
+
+    def write(self, text: str):
+        """A log line that does not break the bar."""
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

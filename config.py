@@ -114,6 +114,9 @@ class TrainConfig:
     # --- evaluation and logging
     eval_interval: int = opt(2000, "steps between evaluations (and checkpoints)")
     eval_iters: int = opt(100, "C4 validation set: eval_iters x 8 fixed windows, whatever --batch_size")
+    eval_block_size: int = opt(0, "WikiText-2 window and C4 validation sequence length (0 = the model's context, "
+                                  "at most 4096, as evaluate.py and prune.py: comparable figures whatever "
+                                  "--block_size trains on)")
     ppl_windows: int = opt(0, "WikiText-2 windows per evaluation (0 = the full test set)")
     final_eval_iters: int = opt(0, "C4 validation batches of the last evaluation, the one results.json reports "
                                    "(0 = --eval_iters): cheap evaluations for the curves, a precise final one")
@@ -252,7 +255,7 @@ def validate(cfg: TrainConfig):
                  "eval_interval", "mask_update_interval", "SLoRB_k", "prune_rounds", "keep_checkpoints"):
         if getattr(cfg, name) < 1 and not (name == "max_iters" and cfg.eval_only):
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("warmup_iters", "increase_step", "ppl_windows", "prune_start", "calib_nsamples", "num_threads",
+    for name in ("warmup_iters", "increase_step", "eval_block_size", "ppl_windows", "prune_start", "calib_nsamples", "num_threads",
                  "distill_chunk_size", "zeroshot_limit", "final_eval_iters"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be non-negative, got {getattr(cfg, name)}")

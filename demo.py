@@ -250,7 +250,7 @@ class Demo:
         hf = os.path.join(self.out, "teacher_hf")
         self.stage("teacher_export", self.py("export.py", "--checkpoint", f"{d}/ckpt.pt", "--out", hf, "--force"),
                    f"{hf}/config.json")
-        self.stage("teacher_eval", self.py("evaluate.py", "--model", hf, "--block_size", p["block_size"],
+        self.stage("teacher_eval", self.py("evaluate.py", "--model", hf, "--eval_block_size", p["block_size"],
                                            *self.final_eval(), "--out", f"{self.out}/teacher_eval.json"),
                    f"{self.out}/teacher_eval.json")
         return hf
@@ -300,7 +300,7 @@ class Demo:
         must come from the same windows, not from the table's larger evaluation."""
         p, out = self.p, f"{self.out}/curve_refs/{name}.json"
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        self.stage(f"curve_ref_{name}", self.py("evaluate.py", "--model", model, "--block_size", p["block_size"],
+        self.stage(f"curve_ref_{name}", self.py("evaluate.py", "--model", model, "--eval_block_size", p["block_size"],
                                                 *self.data_flags(), "--ppl_windows", p["curve_ppl_windows"],
                                                 "--eval_iters", p["curve_eval_iters"], "--batch_size",
                                                 p["batch_size"], "--num_threads", self.threads, "--out", out), out)
@@ -308,7 +308,7 @@ class Demo:
     def prune(self, name, flags, teacher):
         d = self.run_dir(name)
         self.stage(name, self.py("prune.py", "--model", teacher, *flags, "--calibration", f"{self.data}/calibration.pt",
-                                 "--block_size", self.p["block_size"], "--out", f"{d}/model.pt",
+                                 "--eval_block_size", self.p["block_size"], "--out", f"{d}/model.pt",
                                  *self.final_eval(), "--results", f"{d}/results.json"), f"{d}/results.json")
         return d
 

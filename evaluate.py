@@ -3,15 +3,16 @@
     python evaluate.py --model out/ast/ckpt.pt --wikitext_dir data/wikitext --data_dir data/c4_dataset
 
 WikiText-2: the test split's tokens (prepared once by data/wikitext/prepare.py, with the model's tokenizer)
-are cut into non-overlapping windows of block_size tokens (GPT-2: 1024; OPT: its context of 2048 as Wanda and
-SparseGPT evaluate, or --block_size), the tail dropped; ppl = exp(mean next-token NLL over all windows).
+are cut into non-overlapping windows of --eval_block_size tokens, the tail dropped; ppl = exp(mean next-token NLL
+over all windows). The default window is the model's context as Wanda and SparseGPT evaluate (GPT-2 1024, OPT 2048,
+LLaMA-2 4096), capped at MAX_EVAL_WINDOW for long-context models (SmolLM2 and LLaMA-3: 8192 -> 4096); a number is
+comparable to another only at the same window, so every result records its eval_block_size.
 Under DDP each rank takes every world_size-th window and the sums are all-reduced.
 """
 import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -57,7 +58,7 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL sum, token count
-    bar = _bar(len(mine), "wikitext-2", progress)
+    bar = cli.Progress(len(mine), "wikitext-2", unit="window", enabled=progress)
     for i in range(0, -(-n // world_size), batch_size):  # as many batches on every rank
         if should_stop is not None:
             should_stop()
@@ -76,12 +77,23 @@ def wikitext_perplexity(model, tokens, block_size, windows=0, batch_size=1, devi
     return math.exp(float(sums[0] / sums[1]))
 
 
+MAX_EVAL_WINDOW = 4096  # the default evaluation window is the model's context, at most this
+
+
+def eval_window(model, requested=0) -> int:
+    """The evaluation window (WikiText-2 and C4 validation): requested, or the model's context up to 4096."""
+    context = model.config.block_size
+    if requested > context:
+        raise UserError(f"--eval_block_size {requested} exceeds the model's context {context}: use {context} or less")
+    return requested or min(context, MAX_EVAL_WINDOW)
+
+
 VAL_WINDOWS_PER_ITER = 8  # the C4 validation set is eval_iters x 8 windows, whatever the micro-batch size
 
 
 @torch.no_grad()
 def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="cpu", ctx=None, rank=0,
-                    world_size=1, seed=0, should_stop=None):
+                    world_size=1, seed=0, should_stop=None, progress=False):
     """Mean next-token CE of the student on eval_iters x VAL_WINDOWS_PER_ITER fixed validation windows.
 
     The windows depend only on the data, eval_iters and seed: batch_size only sets how many go through the
@@ -94,6 +106,7 @@ def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
+    bar = cli.Progress(len(mine), "C4 validation", unit="window", enabled=progress)
     for i in range(0, -(-len(offsets) // world_size), batch_size):  # as many batches on every rank
         if should_stop is not None:
             should_stop()
@@ -104,6 +117,8 @@ def validation_loss(model, dataset: BinDataset, batch_size, eval_iters, device="
         if len(counted):  # else a forward the sharded peers run too, not counted
             sums[0] += nll
             sums[1] += y.numel()
+        bar.update(len(counted))
+    bar.close()
     model.train(was_training)
     sums = _all_reduce_sum(sums)
     return float(sums[0] / sums[1])
@@ -149,11 +164,6 @@ def sparsity_report(model, all_reduce_sum=None):
             "mean_sparsity": sum(r["sparsity"] for r in rows) / len(rows), **report}
 
 
-def _bar(total, desc, enabled):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
 def main(argv=None):
     from checkpoint import load_model
 
@@ -162,8 +172,9 @@ def main(argv=None):
                                                   "supported family (gpt2, opt, llama, mistral, qwen2)")
     p.add_argument("--wikitext_dir", default="data/wikitext", help="folder with test.bin ('' to skip)")
     p.add_argument("--data_dir", default="", help="folder with val.bin for the C4 validation loss ('' to skip)")
-    p.add_argument("--block_size", type=int, default=0,
-                   help="WikiText-2 window and validation sequence length (0 = the model's context: GPT-2 1024)")
+    p.add_argument("--eval_block_size", "--block_size", type=int, default=0, dest="eval_block_size",
+                   help=f"WikiText-2 window and C4 validation sequence length (0 = the model's context, at most "
+                        f"{MAX_EVAL_WINDOW}: GPT-2 1024, OPT 2048, LLaMA-2 4096, SmolLM2 4096)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--eval_iters", type=int, default=100,
                    help=f"C4 validation set: eval_iters x {VAL_WINDOWS_PER_ITER} fixed windows, whatever --batch_size")
@@ -176,18 +187,19 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     t0 = time.time()
     model = load_model(args.model)
-    block_size = min(args.block_size or model.config.block_size, model.config.block_size)
+    block_size = eval_window(model, args.eval_block_size)
     model.to(args.device).eval()
-    result = {"model": args.model, "block_size": block_size, **sparsity_report(model)}
+    result = {"model": args.model, "eval_block_size": block_size, **sparsity_report(model)}
     if args.wikitext_dir:
         tokens = load_wikitext_tokens(args.wikitext_dir, "test")
         check_wikitext(args.wikitext_dir, tokens, model)
         result["wikitext_ppl"] = wikitext_perplexity(model, tokens, block_size, args.ppl_windows, args.batch_size,
-                                                     args.device, progress=sys.stderr.isatty())
+                                                     args.device, progress=True)
         result["ppl_windows"] = args.ppl_windows
     if args.data_dir:
         val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model)
-        result["val_loss"] = validation_loss(model, val, args.batch_size, args.eval_iters, args.device)
+        result["val_loss"] = validation_loss(model, val, args.batch_size, args.eval_iters, args.device,
+                                             progress=True)
     result["eval_seconds"] = round(time.time() - t0, 2)
     print(json.dumps(result, indent=2))
     if args.out:

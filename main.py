@@ -35,7 +35,7 @@ from cli import EXIT_KEYBOARD_INTERRUPT, Interrupted, UserError
 from config import TrainConfig, config_warnings, explicit_keys, help_text, parse_config
 from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_wikitext, load_calibration,
                          load_wikitext_tokens, micro_batches)
-from evaluate import sparsity_report, validation_loss, wikitext_perplexity
+from evaluate import eval_window, sparsity_report, validation_loss, wikitext_perplexity
 from model import GPT, GPTConfig, resolve_model_path
 from parallelize import Runtime
 from rundir import clear_run, open_run, trim_metrics
@@ -81,8 +81,12 @@ def load_student(cfg: TrainConfig):
     if cfg.init_from == "scratch":
         return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout))
-    return load_model(cfg.init_from or cfg.student_model, block_size=cfg.block_size,
-                      what="--init_from" if cfg.init_from else "--student_model")
+    model = load_model(cfg.init_from or cfg.student_model, what="--init_from" if cfg.init_from else "--student_model")
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
+    # the context is kept as long as the evaluation window needs (GPT-2's position embeddings are cropped to it)
+    return families.crop_context(model, max(cfg.block_size, eval_window(model, cfg.eval_block_size)),
+                                 cfg.init_from or cfg.student_model)
 
 
 def adopt_sparsity(model, cfg: TrainConfig, explicit) -> TrainConfig:
@@ -255,6 +259,7 @@ class Run:
     train_seconds: float = 0.0
     pruned_fraction: float = 0.0
     flip: tuple = (0.0, 0.0)
+    flip_iter: int = -1  # the iteration of the last mask recompute
     last_eval_iter: int = -1
     resumes: list = field(default_factory=list)  # the allowed flag changes of every resume
     nonfinite: torch.Tensor = None  # set on the device when a step's gradient norm was not finite
@@ -339,6 +344,9 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
         model, cfg = build_student(cfg, explicit, rt, train_data)
     if cfg.block_size > model.config.block_size:
         raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
+    eval_block_size = eval_window(model, cfg.eval_block_size)
+    if eval_block_size != cfg.block_size:
+        val_data = BinDataset(os.path.join(cfg.data_dir, "val.bin"), eval_block_size)
     val_data.check_model(model)
     if wikitext is not None:
         check_wikitext(cfg.wikitext_dir, wikitext, model)
@@ -354,7 +362,8 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
         if theirs and ours and theirs != ours:
             raise UserError(f"--teacher_model {cfg.teacher_model} uses another tokenizer than the student: "
                             f"distillation compares logits token by token, so pick a teacher of the same tokenizer")
-        distiller = Distiller(teacher, model.config, cfg.hardness_task, cfg.hardness_kldiv,
+        trained = dataclasses.replace(model.config, block_size=cfg.block_size)  # the teacher sees training windows
+        distiller = Distiller(teacher, trained, cfg.hardness_task, cfg.hardness_kldiv,
                               cfg.hardness_squarehead, cfg.distill_temperature, cfg.distill_chunk_size)
         if sharded and cfg.shard_teacher:
             parallelize.apply_fsdp(teacher.model, rt, bf16=bf16_shards)
@@ -398,11 +407,12 @@ def evaluate_run(run: Run, rt: Runtime, should_stop=None, final=False):
     reports (--final_eval_iters / --final_ppl_windows: cheap evaluations for the curves, a precise last one)."""
     cfg = run.cfg
     iters, windows = final_sizes(cfg) if final else (cfg.eval_iters, cfg.ppl_windows)
+    progress = cfg.progress and rt.master
     val = validation_loss(run.raw, run.val_data, cfg.batch_size, iters, rt.device, rt.ctx, rt.rank,
-                          rt.world_size, should_stop=should_stop)
+                          rt.world_size, should_stop=should_stop, progress=progress)
     ppl = None if run.wikitext is None else wikitext_perplexity(
-        run.raw, run.wikitext, cfg.block_size, windows, cfg.batch_size, rt.device, rt.ctx, rt.rank, rt.world_size,
-        should_stop=should_stop)
+        run.raw, run.wikitext, run.val_data.block_size, windows, cfg.batch_size, rt.device, rt.ctx, rt.rank, rt.world_size,
+        should_stop=should_stop, progress=progress)
     return val, ppl
 
 
@@ -516,6 +526,7 @@ def update_masks_after_step(run: Run, rt: Runtime, log):
     elif cfg.change_mask and run.iter_num % cfg.mask_update_interval == 0:
         reduce = rt.all_reduce_sum if parallelize.is_sharded(run.raw) else None
         run.flip = update_masks(run.raw, all_reduce_sum=reduce)
+        run.flip_iter = run.iter_num
         log({"iter": run.iter_num, "flip_ratio": run.flip[0], "flip_ratio_init": run.flip[1]})
 
 
@@ -529,6 +540,7 @@ def finish(run: Run, rt: Runtime, val, ppl):
     result = {"world_size": rt.world_size, "parallel": cfg.parallel, "masks_identical_across_ranks": agree,
               "iter": run.iter_num, "tokens": run.iter_num * cfg.global_batch_size * cfg.block_size,
               "val_loss": val, "wikitext_ppl": ppl, "best_val_loss": run.best_val, "ppl_windows": windows,
+              "eval_block_size": run.val_data.block_size,
               "eval_iters": iters,
               "train_seconds": round(run.seconds(), 2),
               **sparsity_report(run.raw, all_reduce_sum=rt.all_reduce_sum if sharded else None),
@@ -577,9 +589,8 @@ class Log:
             (self.bar.write if self.bar is not None else print)(text)
 
     def progress(self, total, initial):
-        if self.master:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+        if self.master:  # a bar on a terminal, else a line with the ETA at most every 30 s
+            self.bar = cli.Progress(total, "train", unit="step", initial=initial)
 
     def close(self):
         for thing in (self.bar, self.metrics):
@@ -609,7 +620,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
     if cfg.progress:
         log.progress(cfg.max_iters, run.iter_num)
 
-    t_log, steps_since_log = time.time(), 0
+    t_log, steps_since_log, last_log_iter = time.time(), 0, run.iter_num
     val = ppl = None
     try:
         while True:
@@ -621,6 +632,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
             # ---- evaluate and checkpoint (before the step; never twice at the same iteration)
             it = run.iter_num
             if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and it != run.last_eval_iter:
+                t_eval = time.time()
                 try:
                     val, ppl = evaluate_run(run, rt, should_stop=stop.drop_evaluation)
                 except EvaluationDropped:
@@ -634,6 +646,7 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                     save_run(run, rt, best=True)
                 if 0 < it < cfg.max_iters and (improved or cfg.always_save_checkpoint):
                     save_run(run, rt)  # the final one is written after the loop
+                t_log += time.time() - t_eval  # ms/iter and tok/s count training time only
             if run.iter_num >= cfg.max_iters:
                 if final_sizes(cfg) != (cfg.eval_iters, cfg.ppl_windows):
                     val, ppl = evaluate_final(run, rt, log)
@@ -667,8 +680,11 @@ def train(cfg: TrainConfig, rt: Runtime, explicit=frozenset()):
                        **parts}
                 log(row)
                 extra = "".join(f", {k} {v:.4f}" for k, v in parts.items())
-                log.say(f"iter {run.iter_num}: loss {loss_val:.4f}{extra}, lr {lr:.2e}, lambda {lam:.2e}, "
-                        f"flip {run.flip[0]:.4f}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
+                # the flip ratio only on a line after masks were recomputed (else it is the old figure again)
+                flip = f", flip {run.flip[0]:.4f}" if reselected and run.flip_iter > last_log_iter else ""
+                last_log_iter = run.iter_num
+                log.say(f"iter {run.iter_num}: loss {loss_val:.4f}{extra}, lr {lr:.2e}, lambda {lam:.2e}"
+                        f"{flip}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s")
         save_run(run, rt)
     except TrainingDiverged as e:
         raise UserError(f"{e}: training stopped, the last good checkpoint ({run.ckpt_path}) is kept; lower "

@@ -36,7 +36,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -48,7 +47,7 @@ import families
 from checkpoint import load_model, model_state, save_checkpoint
 from cli import UserError
 from data.loader import BinDataset, check_tokenizer, check_wikitext, load_calibration, load_wikitext_tokens
-from evaluate import sparsity_report, validation_loss, wikitext_perplexity
+from evaluate import MAX_EVAL_WINDOW, eval_window, sparsity_report, validation_loss, wikitext_perplexity
 from sparsity import (check_pattern, collect_input_norms, dense_forward, nm_mask, sparse_layers, sparsify,
                       unstructured_mask)
 
@@ -146,13 +145,13 @@ def run_block(block, x, calls, batch_size):
 
 
 def relative_error(out, target, batch_size=8):
-    """‖out − target‖² / ‖target‖²: the share of the dense output's energy the pruned block gets wrong (summed in
-    float64 a few windows at a time, so no float64 copy of a whole block's activations is made)."""
+    """‖out − target‖² / ‖target‖²: the share of the dense output's energy the pruned block gets wrong (squares in
+    the activations' dtype, sums accumulated in float64, a few windows at a time: no float64 copy is made)."""
     num = den = 0.0
     for s in batches(len(out), batch_size):
-        t = target[s].double()
-        num += float((out[s].double() - t).pow(2).sum())
-        den += float(t.pow(2).sum())
+        t = target[s]
+        num += float(torch.sum((out[s] - t).square(), dtype=torch.float64))
+        den += float(torch.sum(t.square(), dtype=torch.float64))
     return num / max(den, 1e-30)
 
 
@@ -286,12 +285,10 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
     tokens: (nsamples, seqlen) calibration windows on the model's device (magnitude alone needs none).
     sparsity > 0 selects unstructured pruning at that sparsity instead of n:m.
     reconstruct: a Reconstruction, or None for plain one-shot pruning.
-    progress: show the per-block progress bar (None = when stderr is a terminal).
+    progress: report each block (a bar on a terminal, else a line with the ETA: cli.Progress); False = silent.
     report: a list; one dict per block is appended (its output error against the dense block on the same inputs,
     relative MSE, and with reconstruction each part's error before and after it).
     """
-    from tqdm import tqdm
-
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     mask_type = "structured" if sparsity == 0 else UNSTRUCTURED_SCOPE[method]
@@ -306,8 +303,9 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
                             "data (--calibration FILE)")
         x, calls = families.capture_block_inputs(model, tokens, batch_size)
         generator = torch.Generator().manual_seed(reconstruct.seed) if reconstruct else None
-        disable = None if progress is None else not progress  # tqdm's None: hide the bar off a terminal
-        for i, block in enumerate(tqdm(model.blocks, desc=f"{method} blocks", disable=disable)):
+        bar = cli.Progress(len(model.blocks), method + (" + reconstruction" if reconstruct else ""), unit="block",
+                           enabled=progress is not False, every=0)
+        for i, block in enumerate(model.blocks):
             dense = copy.deepcopy(block) if reconstruct else None  # the dense submodules give the targets
             dense_out = prune_block(block, method, x, calls[i], n, m, sparsity, batch_size, blocksize, percdamp)
             row = {"block": i}
@@ -321,6 +319,8 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
             del dense_out
             if report is not None:
                 report.append(row)
+            bar.update()
+        bar.close()
     for _, layer in sparse_layers(model):
         layer.weight.mul_(layer.mask)  # pruned weights exactly zero, whatever the method
     return model
@@ -345,9 +345,12 @@ def parse_args(argv=None):
                                                      "with the model's tokenizer (needed by wanda, sparsegpt "
                                                      "and --reconstruct)")
     p.add_argument("--nsamples", type=int, default=0, help="use only the first N calibration windows (0 = all)")
-    p.add_argument("--block_size", type=int, default=0,
-                   help="calibration windows are cropped to this, WikiText-2 windows and C4 validation sequences "
-                        "have this length (0 = the model's context: GPT-2 1024, OPT 2048, as Wanda/SparseGPT)")
+    p.add_argument("--seqlen", type=int, default=0,
+                   help="calibration window length: crop the file's windows to this (0 = as the file holds them, "
+                        "at most the model's context; make them with prepare_calibration_data.py --seqlen)")
+    p.add_argument("--eval_block_size", "--block_size", type=int, default=0, dest="eval_block_size",
+                   help=f"WikiText-2 window and C4 validation sequence length (0 = the model's context, at most "
+                        f"{MAX_EVAL_WINDOW}: GPT-2 1024, OPT 2048, LLaMA-2 4096, as Wanda/SparseGPT)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--reconstruct", type=cli.parse_bool, default=False,
                    help="after pruning each block, train its pruned attention and MLP to reproduce the dense "
@@ -392,8 +395,10 @@ def parse_args(argv=None):
                         "--input C4_FILES --tokenizer MODEL_DIR`")
     if args.sparsity == 0 and args.method == "sparsegpt" and args.blocksize % args.m:
         raise UserError(f"--blocksize {args.blocksize} must be a multiple of --m {args.m}")
-    if min(args.batch_size, args.blocksize) < 1 or min(args.block_size, args.nsamples, args.percdamp) < 0:
-        raise UserError("--batch_size and --blocksize must be >= 1; --block_size, --nsamples, --percdamp >= 0")
+    if min(args.batch_size, args.blocksize) < 1 or min(args.eval_block_size, args.seqlen, args.nsamples,
+                                                        args.percdamp) < 0:
+        raise UserError("--batch_size and --blocksize must be >= 1; --eval_block_size, --seqlen, --nsamples, "
+                        "--percdamp >= 0")
     return args
 
 
@@ -416,11 +421,15 @@ def main(argv=None):
         check_tokenizer(meta, model, args.calibration)
     if wikitext is not None:
         check_wikitext(args.wikitext_dir, wikitext, model)
-    block_size = min(args.block_size or model.config.block_size, model.config.block_size)
+    block_size = eval_window(model, args.eval_block_size)
     val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model) if args.data_dir else None
     model.to(args.device)
     if tokens is not None:
-        tokens = tokens[:, :block_size].to(args.device)  # windows longer than the context are cropped
+        tokens = tokens[:, :args.seqlen or tokens.shape[1]]
+        if tokens.shape[1] > model.config.block_size:
+            raise UserError(f"{args.calibration} holds windows of {tokens.shape[1]} tokens, more than the model's "
+                            f"context {model.config.block_size}: pass --seqlen {model.config.block_size} or less")
+        tokens = tokens.to(args.device)
     blocks = []
     t0 = time.time()
     try:
@@ -438,7 +447,7 @@ def main(argv=None):
               "seqlen": None if tokens is None else tokens.shape[1],
               "reconstruct": None if recon is None else {"epochs": recon.epochs, "lr": recon.lr,
                                                          "parts": list(recon.parts), "seed": recon.seed},
-              "prune_seconds": round(prune_seconds, 2), "block_size": block_size}
+              "prune_seconds": round(prune_seconds, 2), "eval_block_size": block_size}
     if args.method == "sparsegpt":
         result.update(blocksize=args.blocksize, percdamp=args.percdamp)
     if blocks:
@@ -465,11 +474,12 @@ def main(argv=None):
     model.eval()
     if wikitext is not None:
         result["wikitext_ppl"] = wikitext_perplexity(model, wikitext, block_size, args.ppl_windows, args.batch_size,
-                                                     args.device, progress=sys.stderr.isatty())
+                                                     args.device, progress=True)
         result["ppl_windows"] = args.ppl_windows
         print(f"wikitext-2 ppl {result['wikitext_ppl']:.2f}")
     if val is not None:
-        result["val_loss"] = validation_loss(model, val, args.batch_size, args.eval_iters, args.device)
+        result["val_loss"] = validation_loss(model, val, args.batch_size, args.eval_iters, args.device,
+                                             progress=True)
         print(f"C4 val loss {result['val_loss']:.4f}")
     if args.results:
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

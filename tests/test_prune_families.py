@@ -313,7 +313,7 @@ def test_cli_on_llama_layout_families_evaluates_and_exports_exactly_nm(family, f
                       "--wikitext_dir", data["wikitext_dir"], "--ppl_windows", "2", "--data_dir", data["data_dir"],
                       "--eval_iters", "2", "--device", "cpu"])
     assert res["family"] == family and res["nm_ok"] and res["wikitext_ppl"] > 1 and res["val_loss"] > 0
-    assert res["block_size"] == 64  # the model's context: WikiText-2 windows of 64 tokens
+    assert res["eval_block_size"] == 64  # the model's context: WikiText-2 windows of 64 tokens
     hf = load_hf(out)
     linears = [mod.weight for n, mod in hf.named_modules() if isinstance(mod, nn.Linear) and n != "lm_head"]
     assert len(linears) == 14 and all(((w != 0).reshape(-1, 4).sum(-1) <= 2).all() for w in linears)
