@@ -52,7 +52,10 @@ class TrainConfig:
     mask_type: str = opt("structured", "structured = N:M; unstructured = --sparsity per output row (as "
                                        "published); unstructured_layer = --sparsity per layer",
                          ("structured", "unstructured", "unstructured_layer"))
-    mask_metric: str = opt("magnitude", "mask scores: |W| or Wanda |W|*||X||", ("magnitude", "wanda"))
+    mask_metric: str = opt("magnitude", "mask scores: |W| or Wanda |W|*||X|| (here ||X|| comes from one pass of "
+                                        "the dense model over the calibration windows cut to --block_size, for "
+                                        "all layers at once: not prune.py's block-by-block Wanda, where later "
+                                        "blocks see the already-pruned earlier ones)", ("magnitude", "wanda"))
     N: int = opt(2, "keep N of every M consecutive input weights")
     M: int = opt(4, "group size of the N:M pattern")
     sparsity: float = opt(0.5, "target sparsity of the unstructured mask types")

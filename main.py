@@ -70,6 +70,9 @@ def calibration_tokens(cfg: TrainConfig, train: BinDataset, model):
     if cfg.calibration:
         tokens, meta = load_calibration(cfg.calibration)
         check_tokenizer(meta, model, cfg.calibration)
+        if tokens.shape[1] > cfg.block_size and cli.is_rank_zero():
+            print(f"--mask_metric wanda: the calibration windows of {cfg.calibration} ({tokens.shape[1]} tokens) are "
+                  f"cut to --block_size {cfg.block_size}")
         return tokens[:, :cfg.block_size]
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.randint(0, len(train) - cfg.block_size, (cfg.calib_nsamples,), generator=gen)
