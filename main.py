@@ -1,4 +1,4 @@
-"""Train a student (GPT-2, OPT, LLaMA, Mistral, Qwen2) into an N:M sparse model (Adaptive Sparse Training), on
+"""Train a student (GPT-2 or any decoder-only transformers model) into an N:M sparse model (Adaptive Sparse Training), on
 one process or under torchrun.
 
     python main.py --config configs/cpu_tiny.py

@@ -192,6 +192,8 @@ def _pack(mask, rows):
 
 
 def _unpack(packed, rows, row_shape):
+    """_pack's inverse: (rows, *row_shape) bools; row_shape is a linear's (in,) or an expert weight's (out, in)."""
+    row_shape = (row_shape,) if isinstance(row_shape, int) else tuple(row_shape)
     bits = (packed.unsqueeze(-1) & _bits(packed.device)) != 0
     return bits.flatten()[:rows * math.prod(row_shape)].view(rows, *row_shape)
 

@@ -1,5 +1,5 @@
 r"""One-shot pruning baselines (no training): magnitude, Wanda and SparseGPT, to N:M or unstructured sparsity, for
-every model family (gpt2, opt, llama, mistral, qwen2), optionally followed by local reconstruction.
+every decoder-only model family (found in the model, families.py), optionally followed by local reconstruction.
 
     python prepare_calibration_data.py --tokenizer opt-125m --seqlen 2048 --input C4_TRAIN_SHARD --out calib.pt
     python prune.py --model opt-125m --method sparsegpt --n 2 --m 4 --calibration calib.pt --out out/sparsegpt.pt
@@ -343,8 +343,8 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="prune.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="dense model: a Hugging Face folder (gpt2, opt, llama, mistral, "
-                                                  "qwen2), a GPT-2 name (gpt2, ...) or a dense checkpoint .pt")
+    p.add_argument("--model", required=True, help="dense model: a Hugging Face folder (any decoder-only "
+                                                  "model), a GPT-2 name (gpt2, ...) or a dense checkpoint .pt")
     p.add_argument("--method", required=True, choices=METHODS,
                    help="magnitude (|W|, no data); wanda (|W|·||X_j||, statistics block by block from the "
                         "already-pruned earlier blocks, as published); sparsegpt (OBS with error "

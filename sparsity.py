@@ -336,8 +336,9 @@ class SparseExpertWeight(MaskedLayer, nn.Module):
 
     transformers (>= 5) holds a layer's experts as 3-D Parameters of one module (e.g. `mlp.experts.gate_up_proj`)
     whose forward indexes them (`self.gate_up_proj[e]`) or hands them whole to a grouped GEMM. sparsify() moves
-    such a Parameter into this module, under the same attribute name, and gives the experts module a class that
-    reads the attribute as `forward_weight()`, W ⊙ M: the model's own expert forward then runs on masked weights.
+    such a Parameter into this module, under the same attribute name, and gives the experts module a class whose
+    forward reads the attribute as `forward_weight()`, W ⊙ M: the model's own expert forward then runs on masked
+    weights.
     The router stays dense. SLoRB does not apply (sparsify refuses it): a dense low-rank residual per expert
     is not part of AST and its size grows with the number of experts.
     """
@@ -365,11 +366,22 @@ class SparseExpertWeight(MaskedLayer, nn.Module):
 
 
 class _ReadsSparseExpertWeights:
-    """Mixed into an experts module's class: an attribute holding a SparseExpertWeight reads as its W ⊙ M."""
+    """Mixed into an experts module's class: during its forward, an attribute holding a SparseExpertWeight reads as
+    its W ⊙ M. Outside the forward it is the module (what named_modules, get_submodule and torch's state-dict
+    utilities expect)."""
+
+    def forward(self, *args, **kwargs):
+        self.__dict__["_reading_masked"] = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.__dict__["_reading_masked"] = False
 
     def __getattr__(self, name):
         value = super().__getattr__(name)
-        return value.forward_weight() if isinstance(value, SparseExpertWeight) else value
+        if isinstance(value, SparseExpertWeight) and self.__dict__.get("_reading_masked"):
+            return value.forward_weight()
+        return value
 
 
 @functools.lru_cache(maxsize=None)
