@@ -6,9 +6,9 @@ every decoder-only model family (found in the model, families.py), optionally fo
 
 Wanda and SparseGPT run as their published code does. Block 0's inputs for the calibration windows are captured
 once, with whatever the family's blocks take besides the hidden states (attention mask, position ids, rotary
-position embeddings: families.capture_block_inputs). Then, block by block, the block's linears (GPT-2:
-attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; OPT: self_attn.q/k/v/out_proj, fc1, fc2; LLaMA-like:
-self_attn.q/k/v/o_proj, mlp.gate/up/down_proj) are pruned from the inputs captured in ONE dense forward of that
+position embeddings: families.capture_block_inputs). Then, block by block, the block's sparse layers (every
+linear inside it, e.g. GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, and mixture-of-experts weights
+expert by expert: families.sparse_filter) are pruned from the inputs captured in ONE dense forward of that
 block (so the later linears of a block see inputs made by its still-dense earlier linears), then the block's
 outputs are recomputed with the pruned block and become the next block's inputs: later blocks see the errors
 of the already-pruned earlier ones. Only one block's activations are held at a time: its inputs and the dense

@@ -22,7 +22,7 @@ from checkpoint import load_model
 from cli import UserError
 from conftest import gpt2_tokenizer
 from data.loader import BinDataset
-from prune import prune_model
+from prune import Reconstruction, prune_model
 from sparsity import check_nm, collect_input_norms, nm_violations, sparse_layers, sparsify
 
 COMMON = dict(vocab_size=50257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -148,6 +148,13 @@ def test_every_tool_on_the_architecture(arch, arch_folders, tiny_data, calibrati
             changed = not torch.equal(now[kept], w[kept])
             assert changed == (method == "sparsegpt"), name  # only SparseGPT updates the kept weights
 
+    # local reconstruction after pruning: each block's attention and MLP (the whole MoE block) move toward the
+    # dense submodules' outputs
+    rebuilt, report = load_model(folder), []
+    prune_model(rebuilt, "magnitude", tokens=calibration, batch_size=4, progress=False, report=report,
+                reconstruct=Reconstruction(epochs=2, lr=1e-3))
+    assert check_nm(rebuilt)[0] and all(row[part][1] < row[part][0] for row in report for part in ("attn", "mlp"))
+
     # the export of the (SparseGPT) pruned model: the same class, every block linear exactly 2:4, same logits
     out = str(tmp_path / "pruned_hf")
     export.export_model(pruned, out)
@@ -178,6 +185,13 @@ def test_every_tool_on_the_architecture(arch, arch_folders, tiny_data, calibrati
     assert len(val) >= 2 and val[-1] < val[0]
     acc = res["zeroshot"]["tasks"]["arc_easy"]
     assert acc["n"] == 4 and 0 <= acc["acc"] <= 1
+    if arch == "qwen3_moe":  # exact resume of expert weights, masks and their optimizer state (linears: test_families)
+        split = [*AST_BOOSTED, "--student_model", folder, "--teacher_model", folder, "--data_dir",
+                 tiny_data["data_dir"], "--wikitext_dir", tiny_data["wikitext_dir"], "--out_dir", str(tmp_path / "split")]
+        assert main_mod.main([*split, "--max_iters", "2", "--zeroshot_tasks", ""])["iter"] == 2
+        assert main_mod.main([*split, "--init_from", "resume", "--zeroshot_tasks", ""])["iter"] == 4
+        a, b = (torch.load(d / "ckpt.pt", weights_only=False)["model"] for d in (run, tmp_path / "split"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = export.main(["--checkpoint", str(run / "ckpt.pt"), "--out", str(tmp_path / "ast_hf")])
     assert info["verify"]["ok"] and info["verify"]["transformers_class"] == type(hf).__name__
     assert info["sparse_layers"] == expected_names(arch)
