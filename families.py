@@ -58,7 +58,7 @@ def _is_router(module, experts):
 
 def sparse_filter(model):
     """sparsify()'s filter_fn for this model: the linears and expert weights inside its blocks, routers excepted."""
-    experts = _first_key(getattr(model, "hf", model).config, _EXPERT_COUNT_KEYS) if isinstance(model, HFCausalLM) \
+    experts = _first_key(model.hf.config.get_text_config(), _EXPERT_COUNT_KEYS) if isinstance(model, HFCausalLM) \
         else None
     modules = {id(m) for block in model.blocks for m in block.modules()}
     params = {id(p) for block in model.blocks for p in block.parameters()}
