@@ -7,10 +7,11 @@ rank reductions, and what sharding means for N:M masks. model.py, sparsity.py an
                       the same way (frozen), unless --shard_teacher False keeps a full copy on every rank
 
 Masks under FSDP. FSDP2 shards parameters by rows (dim 0) and leaves buffers alone, so shard_masks() keeps in
-each sparse layer's `mask` / `init_mask` only the rows of that rank's weight shard (the experts of an expert weight). N:M groups run along a row,
-so a mask recompute (and Wanda's scores: the input statistic is per input channel, the same on every rank) is
-local with no communication, and SR-STE's decay is local too. The forward needs the full mask beside the full
-weight FSDP gathers: each sharded block gathers its layers' mask rows, bit-packed (1/16 of the bf16 weight's
+each sparse layer's `mask` / `init_mask` only the rows of that rank's weight shard (of an expert weight
+[experts, out, in]: its experts). N:M groups run along a row, so a mask recompute (and Wanda's scores: the
+input statistic is per input channel, the same on every rank; per expert, this rank's experts') is local with
+no communication, and SR-STE's decay is local too. The forward needs the full mask beside the full weight FSDP
+gathers: each sharded block gathers its layers' mask rows, bit-packed (1/16 of the bf16 weight's
 all-gather), in one collective before its forward and drops them after. Checkpoints store each mask as a DTensor
 sharded like its weight (checkpoint.save_sharded).
 """

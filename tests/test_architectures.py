@@ -4,8 +4,8 @@ gate_up), OLMo 2, GPT-NeoX, Qwen3-MoE (experts sparse, router dense), and Stable
 ours names. For each, one test: logits equal transformers' before sparsify; the sparse layers are exactly the
 block linears written out below; Wanda and SparseGPT run block by block; the export of a pruned model reloads in
 the same class, every block linear exactly N:M, with the same logits; a short AST-Boosted run with distillation
-lowers the validation loss, scores one zero-shot task and exports; greedy sampling matches transformers'. Then what only mixture-of-experts models
-have, and the one-line refusals."""
+lowers the validation loss, scores one zero-shot task and exports; greedy sampling matches transformers'. Then
+Granite's scaled head, what only mixture-of-experts models have, the one-line refusals and the README's table."""
 import json
 import os
 
@@ -190,7 +190,8 @@ def test_every_tool_on_the_architecture(arch, arch_folders, tiny_data, calibrati
     assert acc["n"] == 4 and 0 <= acc["acc"] <= 1
     if arch == "qwen3_moe":  # exact resume of expert weights, masks and their optimizer state (linears: test_families)
         split = [*AST_BOOSTED, "--student_model", folder, "--teacher_model", folder, "--data_dir",
-                 tiny_data["data_dir"], "--wikitext_dir", tiny_data["wikitext_dir"], "--out_dir", str(tmp_path / "split")]
+                 tiny_data["data_dir"], "--wikitext_dir", tiny_data["wikitext_dir"],
+                 "--out_dir", str(tmp_path / "split")]
         assert main_mod.main([*split, "--max_iters", "2", "--zeroshot_tasks", ""])["iter"] == 2
         assert main_mod.main([*split, "--init_from", "resume", "--zeroshot_tasks", ""])["iter"] == 4
         a, b = (torch.load(d / "ckpt.pt", weights_only=False)["model"] for d in (run, tmp_path / "split"))
