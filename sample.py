@@ -8,7 +8,8 @@ included), so what it writes is what the model evaluated in the tables computes.
 samples decoded with the model's own tokenizer folder (transformers) when it records one, else GPT-2's BPE
 (tiktoken). Each new token: the logits of the last position divided by --temperature, only the --top_k most
 likely kept, one token drawn from their softmax with a torch.Generator seeded by --seed (same seed, same
-text); --temperature 0 takes the most likely token. Ids beyond the tokenizer's vocabulary (OPT pads its embedding) are never drawn.
+text); --temperature 0 takes the most likely token. Ids beyond the tokenizer's vocabulary (OPT pads its
+embedding) are never drawn.
 """
 import json
 
