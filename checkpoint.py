@@ -96,7 +96,7 @@ def _default_tokenizer(family, folder):
 
 def load_model(path: str, block_size=None, dtype=torch.float32, what="--model"):
     """The one loader: a model from a checkpoint file (.pt), an export folder (export.py / prune.py: masks and
-    a separately kept SLoRB branch restored) or a Hugging Face folder of any supported family (or a GPT-2 name).
+    a separately kept SLoRB branch restored) or a Hugging Face folder of any decoder-only family (or a GPT-2 name).
 
     what names the flag the path came from, for the error when it is none of these.
     """
@@ -112,7 +112,7 @@ def load_model(path: str, block_size=None, dtype=torch.float32, what="--model"):
             restore_export(model, path)
     else:
         raise UserError(f"{what} {path} not found: pass a checkpoint (.pt), an export folder or a "
-                        f"Hugging Face model folder (model_type {', '.join(families.SUPPORTED)})")
+                        f"Hugging Face model folder (any decoder-only transformers model)")
     return model
 
 

@@ -47,7 +47,7 @@ class Teacher(nn.Module):
 
 
 def load_teacher(name_or_path, device="cpu", dtype="float32", block_size=None) -> Teacher:
-    """Any model checkpoint.load_model reads (a Hugging Face folder of a supported family, an export folder or a
+    """Any model checkpoint.load_model reads (a Hugging Face folder of any decoder-only model, an export folder or a
     checkpoint), as a frozen Teacher on device, stored in dtype (a TEACHER_DTYPES key)."""
     from checkpoint import load_model
 

@@ -169,7 +169,7 @@ def main(argv=None):
 
     p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint .pt, export folder, or Hugging Face folder of any "
-                                                  "supported family (gpt2, opt, llama, mistral, qwen2)")
+                                                  "decoder-only model (gpt2, llama, qwen3, ...)")
     p.add_argument("--wikitext_dir", default="data/wikitext", help="folder with test.bin ('' to skip)")
     p.add_argument("--data_dir", default="", help="folder with val.bin for the C4 validation loss ('' to skip)")
     p.add_argument("--eval_block_size", "--block_size", type=int, default=0, dest="eval_block_size",

@@ -28,7 +28,7 @@ from checkpoint import EXPORT_INFO, SLORB_FILE, load_model, tokenizer_info
 from cli import UserError
 from data.tokenizer import TOKENIZER_FILES, gpt2_fingerprint, has_hf_tokenizer
 from model import resolve_model_path
-from sparsity import layer_args, nm_violations, sparse_layers
+from sparsity import SparseExpertWeight, layer_args, nm_violations, sparse_layers
 
 # OpenAI's encoder.json / vocab.bpe hold the GPT-2 BPE under other names: copied as vocab.json / merges.txt.
 OPENAI_GPT2_FILES = {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}
@@ -51,6 +51,8 @@ def plain_state_dict(model, merge_slorb=False) -> dict:
             v = layer.weight * layer.mask
             if merge_slorb:
                 v = v + layer.slorb_delta()
+            if isinstance(layer, SparseExpertWeight):
+                k = owner  # the experts module's own Parameter name (sparsity.SparseExpertWeight)
         sd[k] = v.detach().float().clone()
     return sd
 

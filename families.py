@@ -1,11 +1,11 @@
-"""Model families: what the rest of the project needs to know about GPT-2, OPT and the LLaMA layout.
+"""Model families: what the rest of the project needs to know about a model, found from the model itself.
 
-Supported `model_type`s: gpt2, opt, llama, mistral, qwen2 (LLaMA, Mistral and Qwen2 share one layout). GPT-2
-runs as model.GPT (nanoGPT, logits-exact with transformers). The other families run as the transformers
-*ForCausalLM model itself, held by HFCausalLM, a thin module with GPT's interface, so that main.py, distill.py,
-evaluate.py and export.py never ask which family a model is:
+GPT-2 runs as model.GPT (nanoGPT, logits-exact with transformers). Any other decoder-only transformers model
+(OPT, LLaMA-3, Qwen3, Gemma 3, Phi-3, OLMo 2, GPT-NeoX, Mixtral, ...: whatever AutoModelForCausalLM loads) runs
+as the transformers *ForCausalLM model itself, held by HFCausalLM, a thin module with GPT's interface, so that
+main.py, distill.py, evaluate.py and export.py never ask which family a model is:
 
-    model.family                    "gpt2", "opt", "llama", ...
+    model.family                    its config's model_type: "gpt2", "opt", "llama", "qwen3_moe", ...
     model.config                    block_size (context), vocab_size, n_layer, n_embd (width of the features)
     model.blocks                    the transformer blocks, in order
     model.lm_head                   the head (weight, bias)
@@ -14,14 +14,18 @@ evaluate.py and export.py never ask which family a model is:
     model(idx, targets, ...)        GPT.forward: logits and the fused CE (loss.py)
     model.gradient_checkpointing    settable
 
-Per family here: the linears sparsify() swaps (embeddings, norms, the head and OPT's project_in/out stay
-dense, as in AST, Wanda and SparseGPT), loading/saving local Hugging Face folders (offline only), and for the
-one-shot baselines (prune.py) block 0's captured inputs, one block called on them (capture_block_inputs,
-call_block) and a block's attention and MLP submodules (block_parts).
+Nothing is listed per family. Found from the loaded model: the base model (`base_model`: its last_hidden_state
+is the final features), the decoder blocks (the nn.ModuleList under it of num_hidden_layers entries), and the
+sparse layers: every nn.Linear inside a block (attention and MLP projections, fused or not) and every
+mixture-of-experts weight [experts, out, in] inside a block; embeddings, norms, the head, routers and anything
+outside the blocks (OPT's project_in/out) stay dense, as in AST, Wanda and SparseGPT. What genuinely differs
+stays small and here: GPT-2's Conv1D layout (model.GPT), OPT's MLP held by the block itself (block_parts), heads
+that scale the logits by a constant (folded into the features). For the one-shot baselines (prune.py): block
+0's captured inputs, one block called on them (capture_block_inputs, call_block) and a block's attention and MLP
+submodules (block_parts).
 """
 import functools
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -29,26 +33,41 @@ import torch.nn as nn
 
 from cli import UserError, read_model_config
 from model import GPT, GPTConfig, resolve_model_path
+from sparsity import expert_weights
 
-SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2")
-_LLAMA_LINEARS = r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-# The block linears each family makes sparse, as a regex of module names (GPT-2 after the Conv1D transpose).
-SPARSE_LINEARS = {
-    "gpt2": r"(^|\.)h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$",
-    "opt": r"(^|\.)layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)$",
-    "llama": _LLAMA_LINEARS, "mistral": _LLAMA_LINEARS, "qwen2": _LLAMA_LINEARS,
-}
-# Where the base model (its output: the final features) and its list of blocks sit in the transformers model.
-_BASE = {"opt": "model.decoder", "llama": "model", "mistral": "model", "qwen2": "model"}
 # Dropout is off for retraining, as for GPT-2 (and in the published recipe); these are the config keys.
 _DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "resid_pdrop", "embd_pdrop",
                  "attn_pdrop", "hidden_dropout")
+# Heads that multiply the logits by a constant after lm_head (Granite divides by logits_scaling, Cohere multiplies
+# by logit_scale): the constant is folded into the final features, so the fused loss sees the same logits.
+_LOGIT_DIVISORS, _LOGIT_MULTIPLIERS = ("logits_scaling",), ("logit_scale",)
+# Where a config keeps its number of routed experts (a linear with that many outputs is a router: dense).
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+# Where a config keeps its context length.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
+
+
+def _first_key(config, keys):
+    return next((getattr(config, k) for k in keys if isinstance(getattr(config, k, None), (int, float))), None)
+
+
+def _is_router(module, experts):
+    """A linear scoring experts (out = the number of experts) or gating a shared expert (one output): dense."""
+    return module.out_features == 1 or (experts is not None and module.out_features == experts)
 
 
 def sparse_filter(model):
-    """sparsify()'s filter_fn for this model's family: the block linears, nothing else."""
-    pattern = re.compile(SPARSE_LINEARS[model.family])
-    return lambda name, module: isinstance(module, nn.Linear) and bool(pattern.search(name))
+    """sparsify()'s filter_fn for this model: the linears and expert weights inside its blocks, routers excepted."""
+    experts = _first_key(model.hf.config.get_text_config(), _EXPERT_COUNT_KEYS) if isinstance(model, HFCausalLM) \
+        else None
+    modules = {id(m) for block in model.blocks for m in block.modules()}
+    params = {id(p) for block in model.blocks for p in block.parameters()}
+
+    def chosen(name, module):
+        if isinstance(module, nn.Linear):
+            return id(module) in modules and not _is_router(module, experts)
+        return isinstance(module, nn.Parameter) and id(module) in params  # an expert weight (sparsity.expert_weights)
+    return chosen
 
 
 @dataclass
@@ -60,8 +79,33 @@ class Shape:
     n_embd: int
 
 
+def find_blocks(hf) -> str:
+    """The name (in hf) of the decoder blocks: the nn.ModuleList under the base model holding num_hidden_layers
+    modules with linear layers inside. One-line errors for a model without one."""
+    text = hf.config.get_text_config()
+    n_layer = _first_key(text, ("num_hidden_layers", "n_layer", "num_layers"))
+    base = hf.base_model
+    prefix = next(name for name, module in hf.named_modules() if module is base)
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layer and \
+                any(isinstance(m, nn.Linear) for m in module.modules()):
+            return f"{prefix}.{name}" if prefix else name
+    raise UserError(f"{type(hf).__name__} ({text.model_type}) has no recognisable decoder block list (an "
+                    f"nn.ModuleList of num_hidden_layers = {n_layer} blocks holding linear layers under "
+                    f"{type(base).__name__}): only decoder-only stacks of blocks are supported")
+
+
+def _feature_scale(config) -> float:
+    """The constant the head multiplies the logits by (1.0 for most models); refuses a non-linear soft cap."""
+    if getattr(config, "final_logit_softcapping", None):
+        raise UserError(f"{config.model_type}: final_logit_softcapping = {config.final_logit_softcapping} caps the "
+                        "logits after lm_head, which the fused loss does not model: not supported")
+    divisor, multiplier = _first_key(config, _LOGIT_DIVISORS), _first_key(config, _LOGIT_MULTIPLIERS)
+    return (1.0 / divisor if divisor else 1.0) * (multiplier or 1.0)
+
+
 class HFCausalLM(nn.Module):
-    """A transformers *ForCausalLM (OPT, LLaMA, Mistral, Qwen2) behind GPT's interface (see the docstring above).
+    """A transformers *ForCausalLM behind GPT's interface (see the docstring above).
 
     The transformers model runs as it is, as `self.hf`; sparsify() swaps its block linears in place.
     """
@@ -71,8 +115,11 @@ class HFCausalLM(nn.Module):
         self.hf = hf
         self.family = hf.config.model_type
         self._checkpointing = False
-        self.config = Shape(block_size=hf.config.max_position_embeddings, vocab_size=hf.config.vocab_size,
-                            n_layer=hf.config.num_hidden_layers, n_embd=hf.get_output_embeddings().in_features)
+        self._blocks_name = find_blocks(hf)
+        text = hf.config.get_text_config()
+        self.feature_scale = _feature_scale(text)
+        self.config = Shape(block_size=_first_key(text, _CONTEXT_KEYS), vocab_size=text.vocab_size,
+                            n_layer=len(self.blocks), n_embd=hf.get_output_embeddings().in_features)
 
     @property
     def lm_head(self):
@@ -80,11 +127,11 @@ class HFCausalLM(nn.Module):
 
     @property
     def base(self):
-        return self.hf.get_submodule(_BASE[self.family])
+        return self.hf.base_model
 
     @property
     def blocks(self):
-        return self.base.layers
+        return self.hf.get_submodule(self._blocks_name)
 
     @property
     def gradient_checkpointing(self):
@@ -115,6 +162,8 @@ class HFCausalLM(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+        if self.feature_scale != 1.0:
+            x = x * self.feature_scale
         return (x, hidden) if return_hidden else x
 
     forward = GPT.forward  # the same logits / fused-loss interface as GPT-2
@@ -131,12 +180,11 @@ def our_name(model, name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ folders
 def read_hf_config(path) -> dict:
-    """config.json of a local Hugging Face folder of a supported family (one-line errors otherwise)."""
+    """config.json of a local Hugging Face folder (one-line errors when it names no model_type)."""
     path = resolve_model_path(path)
     hf = read_model_config(path)
-    if hf.get("model_type") not in SUPPORTED:
-        raise UserError(f"{os.path.join(path, 'config.json')} has model_type {hf.get('model_type')!r}; "
-                        f"supported: {', '.join(SUPPORTED)}")
+    if not hf.get("model_type"):
+        raise UserError(f"{os.path.join(path, 'config.json')} names no model_type: not a transformers model folder")
     return hf
 
 
@@ -169,7 +217,7 @@ def crop_context(model, block_size, source):
 
 
 def from_pretrained(path, block_size=None, dtype=torch.float32):
-    """A dense model of any supported family from a local Hugging Face folder (dropout off, fp32 by default)."""
+    """A dense model of any decoder-only family from a local Hugging Face folder (dropout off, fp32 by default)."""
     path = resolve_model_path(path)
     family = read_hf_config(path)["model_type"]
     if family == "gpt2":
@@ -194,15 +242,18 @@ def model_args(model) -> dict:
 
 def from_config(family, args, block_size=None):
     """A freshly initialised model of this family from model_args() (a checkpoint then loads its weights)."""
-    if family not in SUPPORTED:
-        raise UserError(f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED)}")
     if family == "gpt2":
         model = GPT(GPTConfig(**args))
     else:
         transformers = _quiet_transformers()
         args = {k: v for k, v in args.items() if k != "model_type"}
-        config = _no_dropout(transformers.AutoConfig.for_model(family, **args))
-        model = HFCausalLM(transformers.AutoModelForCausalLM.from_config(config).eval())
+        try:
+            config = _no_dropout(transformers.AutoConfig.for_model(family, **args))
+            hf = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError as e:  # a model_type this transformers does not know, or not a causal LM
+            raise UserError(f"cannot build a {family!r} model with transformers {transformers.__version__} "
+                            f"({str(e).strip().splitlines()[0]})") from None
+        model = HFCausalLM(hf.eval())
     return crop_context(model, block_size, "the checkpoint") if block_size else model
 
 
@@ -227,7 +278,12 @@ def load_transformers(path):
 
 
 def transformers_weight(hf, name):
-    """The (out, in) weight of a block linear in a transformers model (GPT-2's Conv1D stores (in, out))."""
+    """The (..., out, in) weight of a sparse layer in a transformers model, by the name export records: a block
+    linear (GPT-2's Conv1D stores (in, out)) or a mixture-of-experts Parameter [experts, out, in]."""
+    module, _, attr = name.rpartition(".")
+    param = hf.get_submodule(module)._parameters.get(attr)
+    if param is not None and param.dim() == 3:
+        return param
     w = hf.get_submodule(name).weight
     return w.t() if hf.config.model_type == "gpt2" else w
 
@@ -314,12 +370,25 @@ class Part:
 
 
 def block_parts(model, block) -> dict:
-    """{"attn": Part, "mlp": Part} of one block of this model's family (norms and residuals stay outside)."""
-    attn = block.attn if model.family == "gpt2" else block.self_attn
+    """{"attn": Part, "mlp": Part} of one block (norms and residuals stay outside): its child holding linears whose
+    name says attention, and its one other child holding linears (the MLP or mixture of experts). OPT's MLP is
+    fc1 -> activation -> fc2 held by the block itself."""
+    holders = [(name, child) for name, child in block.named_children()
+               if any(isinstance(m, nn.Linear) for m in child.modules()) or expert_weights(child)]
+    attn = [child for name, child in holders if "att" in name.lower()]
+    if len(attn) != 1:
+        raise UserError(f"--reconstruct: no single attention submodule in {type(block).__name__} (children "
+                        f"holding linears: {', '.join(name for name, _ in holders)})")
+    attn = attn[0]
     parts = {"attn": Part(attn, lambda args, kwargs: _first(attn(*args, **kwargs)), [attn])}
-    if model.family == "opt":  # OPT's MLP is fc1 -> activation -> fc2, held by the layer itself
+    if model.family == "opt":
         parts["mlp"] = Part(block.fc1, lambda args, kwargs: block.fc2(block.activation_fn(block.fc1(*args))),
                             [block.fc1, block.fc2])
-    else:
-        parts["mlp"] = Part(block.mlp, lambda args, kwargs: block.mlp(*args, **kwargs), [block.mlp])
+        return parts
+    mlp = [child for _, child in holders if child is not attn]
+    if len(mlp) != 1:
+        raise UserError(f"--reconstruct: no single MLP submodule in {type(block).__name__} (children holding "
+                        f"linears: {', '.join(name for name, _ in holders)})")
+    mlp = mlp[0]
+    parts["mlp"] = Part(mlp, lambda args, kwargs: _first(mlp(*args, **kwargs)), [mlp])
     return parts

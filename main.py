@@ -1,5 +1,5 @@
-"""Train a student (GPT-2, OPT, LLaMA, Mistral, Qwen2) into an N:M sparse model (Adaptive Sparse Training), on
-one process or under torchrun.
+"""Train a student (GPT-2 or any decoder-only transformers model) into an N:M sparse model (Adaptive Sparse
+Training), on one process or under torchrun.
 
     python main.py --config configs/cpu_tiny.py
     torchrun --nproc_per_node=8 main.py --config ast_naive --student_model gpt2 --teacher_model gpt2

@@ -7,15 +7,17 @@ rank reductions, and what sharding means for N:M masks. model.py, sparsity.py an
                       the same way (frozen), unless --shard_teacher False keeps a full copy on every rank
 
 Masks under FSDP. FSDP2 shards parameters by rows (dim 0) and leaves buffers alone, so shard_masks() keeps in
-each SparseLinear's `mask` / `init_mask` only the rows of that rank's weight shard. N:M groups run along a row,
-so a mask recompute (and Wanda's scores: the input statistic is per input channel, the same on every rank) is
-local with no communication, and SR-STE's decay is local too. The forward needs the full mask beside the full
-weight FSDP gathers: each sharded block gathers its layers' mask rows, bit-packed (1/16 of the bf16 weight's
+each sparse layer's `mask` / `init_mask` only the rows of that rank's weight shard (of an expert weight
+[experts, out, in]: its experts). N:M groups run along a row, so a mask recompute (and Wanda's scores: the
+input statistic is per input channel, the same on every rank; per expert, this rank's experts') is local with
+no communication, and SR-STE's decay is local too. The forward needs the full mask beside the full weight FSDP
+gathers: each sharded block gathers its layers' mask rows, bit-packed (1/16 of the bf16 weight's
 all-gather), in one collective before its forward and drops them after. Checkpoints store each mask as a DTensor
 sharded like its weight (checkpoint.save_sharded).
 """
 import contextlib
 import inspect
+import math
 import os
 import sys
 
@@ -159,12 +161,14 @@ def local_rows(rows: int, rank: int, world: int):
 def shard_masks(model, rank, world):
     """Keep only this rank's rows of every mask, and gather the full masks around each block's forward."""
     for _, layer in sparse_layers(model):
-        lo, hi = local_rows(layer.out_features, rank, world)
+        rows = layer.weight.shape[0]  # a linear's output rows, or a mixture-of-experts weight's experts
+        lo, hi = local_rows(rows, rank, world)
         if layer.weight.to_local().shape[0] != hi - lo:
-            raise RuntimeError(f"FSDP sharded {layer.out_features} rows as {layer.weight.to_local().shape[0]} "
+            raise RuntimeError(f"FSDP sharded {rows} rows as {layer.weight.to_local().shape[0]} "
                                f"on rank {rank}, expected {hi - lo}: please report this as a bug")
         layer.mask = layer.mask[lo:hi].clone()
         layer.init_mask = layer.init_mask[lo:hi].clone()
+        layer.shard_rows = slice(lo, hi)
     for block in model.blocks:
         layers = [layer for _, layer in sparse_layers(block)]
         if layers:
@@ -180,23 +184,25 @@ def _bits(device):
 
 
 def _pack(mask, rows):
-    """A bool (≤ rows, in) mask padded to `rows` rows, 8 entries per byte."""
-    padded = torch.zeros(rows, mask.shape[1], dtype=torch.bool, device=mask.device)
+    """A bool (≤ rows, ...) mask padded to `rows` rows, 8 entries per byte."""
+    padded = torch.zeros(rows, *mask.shape[1:], dtype=torch.bool, device=mask.device)
     padded[:len(mask)] = mask
     flat = padded.flatten()
     flat = torch.cat([flat, flat.new_zeros(-len(flat) % 8)])
     return (flat.view(-1, 8).to(torch.uint8) * _bits(mask.device)).sum(-1, dtype=torch.uint8)
 
 
-def _unpack(packed, rows, cols):
+def _unpack(packed, rows, row_shape):
+    """_pack's inverse: (rows, *row_shape) bools; row_shape is a linear's (in,) or an expert weight's (out, in)."""
+    row_shape = (row_shape,) if isinstance(row_shape, int) else tuple(row_shape)
     bits = (packed.unsqueeze(-1) & _bits(packed.device)) != 0
-    return bits.flatten()[:rows * cols].view(rows, cols)
+    return bits.flatten()[:rows * math.prod(row_shape)].view(rows, *row_shape)
 
 
 @torch.no_grad()
 def gather_masks(layers, world):
     """One all-gather of the bit-packed mask rows of these layers; each gets its full mask in gathered_mask."""
-    chunks = [-(-layer.out_features // world) for layer in layers]
+    chunks = [-(-layer.weight.shape[0] // world) for layer in layers]
     packed = [_pack(layer.mask, rows) for layer, rows in zip(layers, chunks)]
     sizes = [len(p) for p in packed]
     mine = torch.cat(packed)
@@ -204,8 +210,8 @@ def gather_masks(layers, world):
     dist.all_gather(everyone, mine)
     for i, (layer, rows) in enumerate(zip(layers, chunks)):
         start = sum(sizes[:i])
-        parts = [_unpack(buf[start:start + sizes[i]], rows, layer.in_features) for buf in everyone]
-        layer.gathered_mask = torch.cat(parts)[:layer.out_features]
+        parts = [_unpack(buf[start:start + sizes[i]], rows, layer.weight.shape[1:]) for buf in everyone]
+        layer.gathered_mask = torch.cat(parts)[:layer.weight.shape[0]]
 
 
 def _drop_masks(layers):

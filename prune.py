@@ -1,14 +1,14 @@
 r"""One-shot pruning baselines (no training): magnitude, Wanda and SparseGPT, to N:M or unstructured sparsity, for
-every model family (gpt2, opt, llama, mistral, qwen2), optionally followed by local reconstruction.
+every decoder-only model family (found in the model, families.py), optionally followed by local reconstruction.
 
     python prepare_calibration_data.py --tokenizer opt-125m --seqlen 2048 --input C4_TRAIN_SHARD --out calib.pt
     python prune.py --model opt-125m --method sparsegpt --n 2 --m 4 --calibration calib.pt --out out/sparsegpt.pt
 
 Wanda and SparseGPT run as their published code does. Block 0's inputs for the calibration windows are captured
 once, with whatever the family's blocks take besides the hidden states (attention mask, position ids, rotary
-position embeddings: families.capture_block_inputs). Then, block by block, the block's linears (GPT-2:
-attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; OPT: self_attn.q/k/v/out_proj, fc1, fc2; LLaMA-like:
-self_attn.q/k/v/o_proj, mlp.gate/up/down_proj) are pruned from the inputs captured in ONE dense forward of that
+position embeddings: families.capture_block_inputs). Then, block by block, the block's sparse layers (every
+linear inside it, e.g. GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, and mixture-of-experts weights
+expert by expert: families.sparse_filter) are pruned from the inputs captured in ONE dense forward of that
 block (so the later linears of a block see inputs made by its still-dense earlier linears), then the block's
 outputs are recomputed with the pruned block and become the next block's inputs: later blocks see the errors
 of the already-pruned earlier ones. Only one block's activations are held at a time: its inputs and the dense
@@ -48,8 +48,8 @@ from checkpoint import load_model, model_state, save_checkpoint
 from cli import UserError
 from data.loader import BinDataset, check_tokenizer, check_wikitext, load_calibration, load_wikitext_tokens
 from evaluate import MAX_EVAL_WINDOW, eval_window, sparsity_report, validation_loss, wikitext_perplexity
-from sparsity import (check_pattern, collect_input_norms, dense_forward, nm_mask, sparse_layers, sparsify,
-                      unstructured_mask)
+from sparsity import (check_pattern, collect_input_norms, dense_forward, nm_mask, observe_inputs, sparse_layers,
+                      sparsify, unstructured_mask)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # Where each method ranks weights when pruning to an unstructured --sparsity, as in its published code:
@@ -110,24 +110,34 @@ def sparsegpt_layer(weight, H, n=2, m=4, sparsity=0.0, blocksize=128, percdamp=0
     return W.to(weight.dtype) * keep, keep
 
 
-class HessianHook:
-    """Accumulates H = (2 / tokens) Σ_tokens x xᵀ of a layer's inputs as a running mean (H does not grow with the
-    data). The published code divides by the number of sequences instead, i.e. its H is ours times seqlen;
-    SparseGPT's result does not depend on H's scale (the dampening is a fraction of mean diag(H) and the
-    updates use ratios of H⁻¹'s entries). Counting rows, not sequences, keeps that true for OPT's fc1/fc2,
-    which see their inputs flattened to (batch·seqlen, C)."""
+class Hessians:
+    """H = (2 / tokens) Σ_tokens x xᵀ of each layer's inputs (of each expert's, for an expert weight) as a running
+    mean (H does not grow with the data), fed by sparsity.observe_inputs. The published code divides by the number
+    of sequences instead, i.e. its H is ours times seqlen; SparseGPT's result does not depend on H's scale (the
+    dampening is a fraction of mean diag(H) and the updates use ratios of H⁻¹'s entries). Counting rows, not
+    sequences, keeps that true for OPT's fc1/fc2, which see their inputs flattened to (batch·seqlen, C), and for
+    experts, which see only the tokens routed to them."""
 
-    def __init__(self, layer):
-        self.H = torch.zeros(layer.in_features, layer.in_features, device=layer.weight.device)
-        self.rows = 0
-        self.handle = layer.register_forward_pre_hook(self)
+    def __init__(self):
+        self.H, self.rows = {}, {}
 
-    def __call__(self, layer, inputs):
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-        self.H *= self.rows / (self.rows + len(x))
-        self.rows += len(x)
-        x = math.sqrt(2 / self.rows) * x
-        self.H += x.t() @ x
+    def __call__(self, layer, x, expert):
+        key = (id(layer), expert)
+        x = x.float()
+        if key not in self.H:
+            self.H[key] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+            self.rows[key] = 0
+        H, rows = self.H[key], self.rows[key]
+        H *= rows / (rows + len(x))
+        rows = self.rows[key] = rows + len(x)
+        x = math.sqrt(2 / rows) * x
+        H += x.t() @ x
+
+    def pop(self, layer, expert=None):
+        """The layer's (expert's) H, or the identity when no calibration token reached it (an expert the router
+        never chose): SparseGPT with H = I prunes by magnitude and compensates nothing."""
+        H = self.H.pop((id(layer), expert), None)
+        return torch.eye(layer.in_features, device=layer.weight.device) if H is None else H
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -158,26 +168,29 @@ def relative_error(out, target, batch_size=8):
 @torch.no_grad()
 def prune_block(block, method, x, calls, n, m, sparsity, batch_size, blocksize, percdamp):
     """Set the masks of one block's linears (SparseGPT: and its weights) from ONE dense forward of its inputs x,
-    as published; returns that forward's outputs, the dense block's outputs on x."""
+    as published; returns that forward's outputs, the dense block's outputs on x. An expert weight is pruned
+    expert by expert, each from the tokens routed to it."""
     layers = sparse_layers(block)
     dense_out = torch.empty_like(x)
-    hooks = {name: HessianHook(layer) for name, layer in layers} if method == "sparsegpt" else {}
-    stats = collect_input_norms(block) if method == "wanda" else contextlib.nullcontext()
-    try:
-        with dense_forward(block), stats:  # Wanda: Σ x_j² of every linear of the block
-            for s in batches(len(x), batch_size):
-                dense_out[s] = families.call_block(block, x[s], calls)
-    finally:
-        for hook in hooks.values():
-            hook.handle.remove()
+    hessians = Hessians()
+    if method == "wanda":  # Σ x_j² of every linear (every expert) of the block
+        stats = collect_input_norms(block)
+    else:
+        stats = observe_inputs(block, hessians) if method == "sparsegpt" else contextlib.nullcontext()
+    with dense_forward(block), stats:
+        for s in batches(len(x), batch_size):
+            dense_out[s] = families.call_block(block, x[s], calls)
     for name, layer in layers:
         if method == "wanda":
             layer.init_mask_and_slorb()
         elif method == "sparsegpt":
-            new, keep = sparsegpt_layer(layer.weight, hooks.pop(name).H, n, m, sparsity, blocksize, percdamp)
-            layer.weight.copy_(new)
-            layer.mask.copy_(keep)
-            layer.init_mask.copy_(keep)
+            experts = [None] if layer.weight.dim() == 2 else range(layer.weight.shape[0])
+            for e in experts:
+                weight, mask = (layer.weight, layer.mask) if e is None else (layer.weight[e], layer.mask[e])
+                new, keep = sparsegpt_layer(weight, hessians.pop(layer, e), n, m, sparsity, blocksize, percdamp)
+                weight.copy_(new)
+                mask.copy_(keep)
+            layer.init_mask.copy_(layer.mask)
     return dense_out  # magnitude: the masks were set from |W| already
 
 
@@ -330,8 +343,8 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="prune.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="dense model: a Hugging Face folder (gpt2, opt, llama, mistral, "
-                                                  "qwen2), a GPT-2 name (gpt2, ...) or a dense checkpoint .pt")
+    p.add_argument("--model", required=True, help="dense model: a Hugging Face folder (any decoder-only "
+                                                  "model), a GPT-2 name (gpt2, ...) or a dense checkpoint .pt")
     p.add_argument("--method", required=True, choices=METHODS,
                    help="magnitude (|W|, no data); wanda (|W|·||X_j||, statistics block by block from the "
                         "already-pruned earlier blocks, as published); sparsegpt (OBS with error "

@@ -1,8 +1,10 @@
 """N:M sparsity for any nn.Module: masks, the sparse linear layer (STE + SLoRB), SR-STE, and the swap.
 
 Nothing here knows about GPT-2 except the default filter's layer names. The contract with the rest of the
-project: a SparseLinear keeps its dense fp32 weight W and a bool buffer `mask` M; its forward uses W ⊙ M and
-hands the gradient of W ⊙ M to all of W (straight-through); masks are recomputed from scores on demand.
+project: a sparse layer (SparseLinear, or SparseExpertWeight for a mixture-of-experts weight [experts, out, in])
+keeps its dense fp32 weight W and a bool buffer `mask` M of W's shape; its forward uses W ⊙ M and hands the
+gradient of W ⊙ M to all of W (straight-through); masks are recomputed from scores on demand. N:M groups always
+run along the last (input) dimension.
 
 Sharded (FSDP2, parallelize.py): W is a DTensor of whole rows and `mask` holds the rows of this rank's shard
 only. N:M groups lie along a row, so scores, masks and the SR-STE decay are computed on the local shard with no
@@ -10,12 +12,14 @@ communication (`local()` below); only the forward, where FSDP has gathered the f
 which parallelize.py gathers into `gathered_mask` for the duration of the block's forward.
 """
 import contextlib
+import functools
 import math
 import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 METRICS = ("magnitude", "wanda")
 MASK_TYPES = ("structured", "unstructured", "unstructured_layer")
@@ -134,8 +138,9 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
-    """Wanda: |W_ij| * ||X_j||_2, with ||X_j||_2 the L2 norm of input channel j over the calibration tokens."""
-    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(0)
+    """Wanda: |W_ij| * ||X_j||_2, with ||X_j||_2 the L2 norm of input channel j over the calibration tokens
+    (for expert weights [experts, out, in], input_norm is [experts, in]: each expert's own tokens)."""
+    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(-2)
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
@@ -157,8 +162,79 @@ class _MaskedWeight(torch.autograd.Function):
         return grad, None
 
 
-# ----------------------------------------------------------------------------------------------- layer
-class SparseLinear(nn.Linear):
+# ----------------------------------------------------------------------------------------------- layers
+class MaskedLayer:
+    """The masks of one sparse weight W (..., out, in), whatever holds it: a SparseLinear's (out, in) or a
+    mixture-of-experts' (experts, out, in). Bool `mask` / `init_mask` of W's shape; Wanda's Σ x_j² per input
+    channel (per expert) in `input_sq`; scores, mask computation and updates along the last dimension.
+    """
+
+    def _init_masks(self, n, m, metric, mask_type, sparsity, ste, device):
+        if metric not in METRICS:
+            raise ValueError(f"unknown mask metric {metric!r}: choose one of {', '.join(METRICS)}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"unknown mask type {mask_type!r}: choose one of {', '.join(MASK_TYPES)}")
+        shape = self.weight.shape
+        if mask_type == "structured":
+            check_pattern(n, m, shape[-1])
+        self.n, self.m, self.metric, self.mask_type, self.sparsity = n, m, metric, mask_type, sparsity
+        self.sparse, self.ste = True, ste
+        self.gathered_mask = None  # the full mask during a sharded forward (parallelize.py); else `mask` is full
+        self.shard_rows = slice(None)  # which rows of W this rank holds (parallelize.shard_masks)
+        full = torch.ones(shape, dtype=torch.bool, device=device)
+        self.register_buffer("mask", full)
+        self.register_buffer("init_mask", full.clone())
+        # Sum over calibration tokens of x_j², filled by collect_input_norms(); Wanda's ||X_j||² (not trained).
+        self.register_buffer("input_sq", torch.zeros(*shape[:-2], shape[-1], dtype=torch.float32, device=device))
+
+    def masked_weight(self):
+        """W ⊙ M with the straight-through gradient (W when dense; plain W ⊙ M without STE)."""
+        mask = self.mask if self.gathered_mask is None else self.gathered_mask
+        if not self.sparse:
+            return self.weight
+        return _MaskedWeight.apply(self.weight, mask) if self.ste else self.weight * mask
+
+    def effective_weight(self):
+        """W ⊙ M as stored (this rank's rows when sharded)."""
+        w = local(self.weight)
+        return w * self.mask if self.sparse else w
+
+    def scores(self):
+        w = local(self.weight).detach().float()
+        if self.metric == "wanda":
+            if not bool(self.input_sq.any()):
+                raise RuntimeError("Wanda scores need input statistics: run calibration under "
+                                   "collect_input_norms(model) first")
+            norms = self.input_sq.sqrt()  # per expert: only this rank's experts
+            return wanda_scores(w, norms[self.shard_rows] if norms.dim() > 1 else norms)
+        return magnitude_scores(w)
+
+    @torch.no_grad()
+    def compute_mask(self):
+        s = self.scores()
+        if self.mask_type == "structured":
+            return nm_mask(s, self.n, self.m)
+        return unstructured_mask(s, self.sparsity, "row" if self.mask_type == "unstructured" else "layer")
+
+    @torch.no_grad()
+    def init_mask_and_slorb(self):
+        """Set the initial mask from the current weights, then initialise SLoRB from the pruned weights."""
+        self.mask.copy_(self.compute_mask())
+        self.init_mask.copy_(self.mask)
+        if self.slorb_S is not None:
+            self.reset_slorb()
+
+    @torch.no_grad()
+    def update_mask(self, mask=None):
+        """Recompute the mask (or set the given one); returns (flipped since last, flipped since initial) tensors."""
+        new = self.compute_mask() if mask is None else mask.to(torch.bool)
+        flipped = torch.count_nonzero(new != self.mask)  # count_nonzero: a bool .sum() is 5x slower on CPU
+        since_init = torch.count_nonzero(new != self.init_mask)
+        self.mask.copy_(new)
+        return flipped, since_init
+
+
+class SparseLinear(MaskedLayer, nn.Linear):
     """nn.Linear with a bool mask buffer and an optional SLoRB low-rank residual.
 
     y = x (W ⊙ M)ᵀ + b [+ (x Xᵀ) Sᵀ with SLoRB], X: (in/k, in) projection, S: (out, in/k).
@@ -170,20 +246,7 @@ class SparseLinear(nn.Linear):
                  mask_type="structured", sparsity=0.5, slorb_k=0, slorb_init="mean", trainable_projection=False,
                  ste=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if metric not in METRICS:
-            raise ValueError(f"unknown mask metric {metric!r}: choose one of {', '.join(METRICS)}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"unknown mask type {mask_type!r}: choose one of {', '.join(MASK_TYPES)}")
-        if mask_type == "structured":
-            check_pattern(n, m, in_features)
-        self.n, self.m, self.metric, self.mask_type, self.sparsity = n, m, metric, mask_type, sparsity
-        self.sparse, self.ste = True, ste
-        self.gathered_mask = None  # the full mask during a sharded forward (parallelize.py); else `mask` is full
-        full = torch.ones(out_features, in_features, dtype=torch.bool, device=device)
-        self.register_buffer("mask", full)
-        self.register_buffer("init_mask", full.clone())
-        # Sum over calibration tokens of x_j², filled by collect_input_norms(); Wanda's ||X_j||² (not trained).
-        self.register_buffer("input_sq", torch.zeros(in_features, dtype=torch.float32, device=device))
+        self._init_masks(n, m, metric, mask_type, sparsity, ste, device)
         self.slorb_k, self.slorb_init, self.trainable_projection = slorb_k, slorb_init, trainable_projection
         self.slorb_S = None
         self.register_buffer("slorb_X", None)
@@ -218,11 +281,6 @@ class SparseLinear(nn.Linear):
         s = f"{super().extra_repr()}, {pattern}, metric={self.metric}"
         return s + (f", SLoRB k={self.slorb_k}" if self.slorb_k else "")
 
-    def effective_weight(self):
-        """W ⊙ M as stored (this rank's rows when sharded)."""
-        w = local(self.weight)
-        return w * self.mask if self.sparse else w
-
     def forward(self, x):
         return F.linear(x, self.forward_weight(), self.bias)
 
@@ -232,11 +290,7 @@ class SparseLinear(nn.Linear):
         x (W⊙M)ᵀ + (x Xᵀ) Sᵀ = x (W⊙M + S X)ᵀ: adding ΔW to the weight costs one pass over the weight instead
         of three thin GEMMs and an add over the activations, whatever the number of tokens.
         """
-        mask = self.mask if self.gathered_mask is None else self.gathered_mask
-        if not self.sparse:
-            w = self.weight
-        else:
-            w = _MaskedWeight.apply(self.weight, mask) if self.ste else self.weight * mask
+        w = self.masked_weight()
         if self.slorb_S is None:
             return w
         if self.slorb_X is not None:
@@ -259,31 +313,6 @@ class SparseLinear(nn.Linear):
             self.in_features // self.slorb_k, self.slorb_k, device=self.weight.device, dtype=self.weight.dtype)
         return self.slorb_S @ X
 
-    # -- masks
-    def scores(self):
-        w = local(self.weight).detach().float()
-        if self.metric == "wanda":
-            if not bool(self.input_sq.any()):
-                raise RuntimeError("Wanda scores need input statistics: run calibration under "
-                                   "collect_input_norms(model) first")
-            return wanda_scores(w, self.input_sq.sqrt())
-        return magnitude_scores(w)
-
-    @torch.no_grad()
-    def compute_mask(self):
-        s = self.scores()
-        if self.mask_type == "structured":
-            return nm_mask(s, self.n, self.m)
-        return unstructured_mask(s, self.sparsity, "row" if self.mask_type == "unstructured" else "layer")
-
-    @torch.no_grad()
-    def init_mask_and_slorb(self):
-        """Set the initial mask from the current weights, then initialise SLoRB from the pruned weights."""
-        self.mask.copy_(self.compute_mask())
-        self.init_mask.copy_(self.mask)
-        if self.slorb_S is not None:
-            self.reset_slorb()
-
     @torch.no_grad()
     def reset_slorb(self):
         groups, k = self.in_features // self.slorb_k, self.slorb_k
@@ -301,14 +330,77 @@ class SparseLinear(nn.Linear):
             else:
                 self.slorb_X.copy_(block_indicator(groups, k, device=self.slorb_X.device, dtype=self.slorb_X.dtype))
 
-    @torch.no_grad()
-    def update_mask(self, mask=None):
-        """Recompute the mask (or set the given one); returns (flipped since last, flipped since initial) tensors."""
-        new = self.compute_mask() if mask is None else mask.to(torch.bool)
-        flipped = torch.count_nonzero(new != self.mask)  # count_nonzero: a bool .sum() is 5x slower on CPU
-        since_init = torch.count_nonzero(new != self.init_mask)
-        self.mask.copy_(new)
-        return flipped, since_init
+
+class SparseExpertWeight(MaskedLayer, nn.Module):
+    """One mixture-of-experts projection [experts, out, in] made sparse: N:M along `in`, for every expert.
+
+    transformers (>= 5) holds a layer's experts as 3-D Parameters of one module (e.g. `mlp.experts.gate_up_proj`)
+    whose forward indexes them (`self.gate_up_proj[e]`) or hands them whole to a grouped GEMM. sparsify() moves
+    such a Parameter into this module, under the same attribute name, and gives the experts module a class whose
+    forward reads the attribute as `forward_weight()`, W ⊙ M: the model's own expert forward then runs on masked
+    weights.
+    The router stays dense. SLoRB does not apply (sparsify refuses it): a dense low-rank residual per expert
+    is not part of AST and its size grows with the number of experts.
+    """
+    slorb_S = slorb_X = None
+    slorb_k, slorb_init, trainable_projection = 0, "mean", False
+    bias = None
+
+    def __init__(self, weight: nn.Parameter, n=2, m=4, metric="magnitude", mask_type="structured", sparsity=0.5,
+                 ste=True, slorb_k=0, **unused):
+        super().__init__()
+        if slorb_k:
+            raise ValueError("SLoRB does not apply to mixture-of-experts weights: use --SLoRB False for this model")
+        self.weight = weight
+        self.num_experts, self.out_features, self.in_features = weight.shape
+        self._init_masks(n, m, metric, mask_type, sparsity, ste, weight.device)
+
+    def extra_repr(self):
+        pattern = f"{self.n}:{self.m}" if self.mask_type == "structured" else f"{self.mask_type} {self.sparsity}"
+        return f"experts={self.num_experts}, out={self.out_features}, in={self.in_features}, {pattern}"
+
+    forward_weight = MaskedLayer.masked_weight
+
+    def slorb_delta(self):
+        return torch.zeros_like(self.weight)
+
+
+class _ReadsSparseExpertWeights:
+    """Mixed into an experts module's class: during its forward, an attribute holding a SparseExpertWeight reads as
+    its W ⊙ M. Outside the forward it is the module (what named_modules, get_submodule and torch's state-dict
+    utilities expect)."""
+
+    def forward(self, *args, **kwargs):
+        self.__dict__["_reading_masked"] = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.__dict__["_reading_masked"] = False
+
+    def __getattr__(self, name):
+        value = super().__getattr__(name)
+        if isinstance(value, SparseExpertWeight) and self.__dict__.get("_reading_masked"):
+            return value.forward_weight()
+        return value
+
+
+@functools.lru_cache(maxsize=None)
+def _reading_sparse_weights(cls):
+    if issubclass(cls, _ReadsSparseExpertWeights):
+        return cls
+    return type(cls.__name__, (_ReadsSparseExpertWeights, cls), {"__module__": cls.__module__})
+
+
+def expert_weights(model: nn.Module):
+    """(name, experts module, attribute) of every mixture-of-experts weight still dense in the model: a 3-D
+    Parameter [experts, out, in] of a module holding `num_experts` experts, as transformers >= 5 stores them."""
+    found = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "num_experts", None)
+        for attr, p in module.named_parameters(recurse=False):
+            if isinstance(experts, int) and p.dim() == 3 and p.shape[0] == experts:
+                found.append((f"{name}.{attr}" if name else attr, module, attr))
+    return found
 
 
 def block_indicator(groups, k, device=None, dtype=None):
@@ -319,8 +411,8 @@ def block_indicator(groups, k, device=None, dtype=None):
 
 # ----------------------------------------------------------------------------------------------- model level
 def sparse_layers(model: nn.Module):
-    """(name, SparseLinear) pairs of a model, in module order."""
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SparseLinear)]
+    """(name, layer) pairs of a model's sparse layers (SparseLinear, SparseExpertWeight), in module order."""
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, MaskedLayer)]
 
 
 def gpt2_block_linears(name: str, module: nn.Module) -> bool:
@@ -328,25 +420,47 @@ def gpt2_block_linears(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and bool(GPT2_BLOCK_LINEARS.search(name))
 
 
+def _swap_expert_weight(module, attr, name, **kwargs):
+    """Move the experts module's Parameter `attr` into a SparseExpertWeight under the same name (see there)."""
+    if getattr(module, "is_transposed", False):
+        raise ValueError(f"{name}: the experts are stored [experts, in, out] (is_transposed) and N:M groups run "
+                         "along the input dimension, which must be the last: this layout is not supported")
+    layer = SparseExpertWeight(module._parameters[attr], **kwargs)
+    del module._parameters[attr]
+    module.__class__ = _reading_sparse_weights(type(module))
+    module.add_module(attr, layer)
+
+
 def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_block_linears,
              mask_type="structured", sparsity=0.5, slorb_k=0, slorb_init="mean", trainable_projection=False,
              ste=True, calibrate=None, init_masks=True):
-    """Swap every nn.Linear selected by filter_fn(name, module) for a SparseLinear, in place.
+    """Swap every nn.Linear selected by filter_fn(name, module) for a SparseLinear, and every mixture-of-experts
+    weight selected by filter_fn(name, parameter) for a SparseExpertWeight, in place.
 
-    With init_masks, masks are set from the current weights right away (else they start all-ones); Wanda needs `calibrate`, a function
-    calibrate(model) that runs forward passes over calibration data (masks are off while it runs, so the
-    statistics come from the dense model). Returns the list of swapped names.
+    With init_masks, masks are set from the current weights right away (else they start all-ones); Wanda needs
+    `calibrate`, a function calibrate(model) that runs forward passes over calibration data (masks are off while
+    it runs, so the statistics come from the dense model). Returns the list of swapped names.
     """
-    chosen = [(name, mod) for name, mod in model.named_modules()
-              if type(mod) is nn.Linear and filter_fn(name, mod)]
-    if not chosen:
+    linears = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and filter_fn(name, mod)]
+    experts = [(name, mod, attr) for name, mod, attr in expert_weights(model)
+               if filter_fn(name, mod._parameters[attr])]
+    if not linears and not experts:
         raise ValueError("no nn.Linear matched the filter; pass filter_fn=lambda name, module: ... for this model")
-    for name, linear in chosen:
+    args = dict(n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity, slorb_k=slorb_k, ste=ste)
+    for name, linear in linears:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear.from_linear(
-            linear, n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity, slorb_k=slorb_k,
-            slorb_init=slorb_init, trainable_projection=trainable_projection, ste=ste))
+        try:
+            layer = SparseLinear.from_linear(linear, slorb_init=slorb_init, trainable_projection=trainable_projection,
+                                             **args)
+        except ValueError as e:  # name the layer whose width does not fit
+            raise ValueError(f"{name}: {e}") from None
+        setattr(parent, child, layer)
+    for name, module, attr in experts:
+        try:
+            _swap_expert_weight(module, attr, name, **args)
+        except ValueError as e:
+            raise ValueError(e if str(e).startswith(name) else f"{name}: {e}") from None
     if init_masks:
         if metric == "wanda":
             if calibrate is None:
@@ -355,12 +469,13 @@ def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_bloc
                 calibrate(model)
         for _, layer in sparse_layers(model):
             layer.init_mask_and_slorb()
-    return [name for name, _ in chosen]
+    swapped = {name for name, _ in linears} | {name for name, _, _ in experts}
+    return [name for name, _ in sparse_layers(model) if name in swapped]
 
 
 @contextlib.contextmanager
 def dense_forward(model: nn.Module):
-    """Temporarily run every SparseLinear densely (W instead of W ⊙ M)."""
+    """Temporarily run every sparse layer densely (W instead of W ⊙ M)."""
     layers = [layer for _, layer in sparse_layers(model)]
     saved = [layer.sparse for layer in layers]
     for layer in layers:
@@ -372,27 +487,80 @@ def dense_forward(model: nn.Module):
             layer.sparse = s
 
 
-@contextlib.contextmanager
-def collect_input_norms(model: nn.Module):
-    """Reset and accumulate Σ x_j² of every SparseLinear's input through forward hooks, on the dense model.
+class _ExpertInputs(TorchFunctionMode):
+    """Sees every F.linear of the forwards run inside; those whose weight is one expert's slice W[e] of a dense
+    SparseExpertWeight's W (the experts' eager loop) report their input to fn(layer, x, e)."""
 
-    A fused QKV projection is one layer, so Q, K and V share one statistic, as in Wanda.
-    """
-    def hook(layer, inputs):
+    def __init__(self, layers, fn):
+        super().__init__()
+        self.owner = {id(layer.weight): layer for layer in layers}
+        self.fn = fn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and len(args) > 1 and args[1]._base is not None:
+            base = args[1]._base
+            layer = self.owner.get(id(base))
+            if layer is not None:
+                expert = (args[1].storage_offset() - base.storage_offset()) // base.stride(0)
+                x = args[0].detach()
+                self.fn(layer, x.reshape(-1, x.shape[-1]), expert)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _eager_experts(model: nn.Module):
+    """Switch transformers' experts modules to their eager per-expert loop (from a grouped GEMM) meanwhile."""
+    configs = {id(mod.config): mod.config for mod in model.modules()
+               if isinstance(mod, _ReadsSparseExpertWeights) and hasattr(getattr(mod, "config", None),
+                                                                       "_experts_implementation")}
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    for config in configs.values():
+        config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = saved[key]
+
+
+@contextlib.contextmanager
+def observe_inputs(model: nn.Module, fn):
+    """Call fn(layer, x, expert) with each input x (tokens, in) a sparse layer of `model` multiplies in the dense
+    forwards run inside (under dense_forward): expert is None for a SparseLinear, the expert's index for a
+    SparseExpertWeight, whose experts then run their eager loop, one F.linear per expert."""
+    def linear_hook(layer, inputs):
         x = inputs[0].detach()
-        layer.input_sq += x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+        fn(layer, x.reshape(-1, x.shape[-1]), None)
 
     layers = [layer for _, layer in sparse_layers(model)]
-    handles = []
-    for layer in layers:
-        layer.input_sq.zero_()
-        handles.append(layer.register_forward_pre_hook(hook))
+    handles = [layer.register_forward_pre_hook(linear_hook) for layer in layers if isinstance(layer, SparseLinear)]
+    experts = [layer for layer in layers if isinstance(layer, SparseExpertWeight)]
     try:
-        with dense_forward(model), torch.no_grad():
+        with contextlib.ExitStack() as stack:
+            if experts:
+                stack.enter_context(_eager_experts(model))
+                stack.enter_context(_ExpertInputs(experts, fn))
             yield model
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def collect_input_norms(model: nn.Module):
+    """Reset and accumulate Σ x_j² of every sparse layer's input (per expert for expert weights), on the dense
+    model.
+
+    A fused QKV projection is one layer, so Q, K and V share one statistic, as in Wanda.
+    """
+    def accumulate(layer, x, expert):
+        sq = x.float().pow(2).sum(0)
+        (layer.input_sq if expert is None else layer.input_sq[expert]).add_(sq)
+
+    for _, layer in sparse_layers(model):
+        layer.input_sq.zero_()
+    with dense_forward(model), torch.no_grad(), observe_inputs(model, accumulate):
+        yield model
 
 
 @torch.no_grad()
@@ -436,7 +604,7 @@ def check_nm(model: nn.Module, n=None, m=None):
     return ok, rows
 
 
-def layer_args(layer: SparseLinear) -> dict:
+def layer_args(layer: MaskedLayer) -> dict:
     """The sparsify() keyword arguments that rebuild this layer (stored in checkpoints)."""
     return dict(n=layer.n, m=layer.m, metric=layer.metric, mask_type=layer.mask_type, sparsity=layer.sparsity,
                 slorb_k=layer.slorb_k, slorb_init=layer.slorb_init,

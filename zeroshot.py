@@ -4,7 +4,7 @@
     python zeroshot.py --model out/ast_boosted_hf --tasks arc_easy,boolq --limit 200 --out out/zs.json
 
 --model is anything checkpoint.load_model reads: a checkpoint (.pt), an export folder (masks and a separately
-kept SLoRB branch restored) or a Hugging Face folder of a supported family. The harness runs as a library and
+kept SLoRB branch restored) or a Hugging Face folder of any decoder-only model. The harness runs as a library and
 decides everything about a task (prompts, choices, gold, metrics): its own task YAMLs, `include`d by small
 local ones written at run time that point at the splits in $SPARSE_GPT2_DATA/zeroshot (see its README).
 HarnessLM answers the harness's log-likelihood requests with the model object itself, in batches: the sparse
@@ -365,7 +365,7 @@ def report(z) -> str:
 def main(argv=None):
     p = cli.ArgumentParser(prog="zeroshot.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint .pt, export folder, or Hugging Face folder of any "
-                                                  "supported family (gpt2, opt, llama, mistral, qwen2)")
+                                                  "decoder-only model (gpt2, llama, qwen3, ...)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = the full splits)")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="distinct sequences per forward pass")

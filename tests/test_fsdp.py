@@ -125,6 +125,9 @@ def test_mask_rows_pack_and_unpack_exactly():
         assert packed.dtype == torch.uint8 and len(packed) == -(-rows * cols // 8)
         back = parallelize._unpack(packed, rows, cols)
         assert torch.equal(back[:have], mask) and not back[have:].any()
+    experts = torch.rand(3, 6, 8, generator=g) > 0.5  # a mixture-of-experts mask: rows are experts
+    back = parallelize._unpack(parallelize._pack(experts, 4), 4, (6, 8))
+    assert back.shape == (4, 6, 8) and torch.equal(back[:3], experts) and not back[3:].any()
 
 
 def test_local_rows_follow_torch_chunk():

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from sparsity import (SRSTEAdamW, SparseLinear, check_nm, nm_mask, nm_violations,
+from sparsity import (SRSTEAdamW, SparseExpertWeight, SparseLinear, check_nm, nm_mask, nm_violations,
                       sparse_layers, sparsify, srste_lambda, unstructured_mask, update_masks)
 
 patterns = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))
@@ -271,3 +271,39 @@ def test_update_masks_returns_flip_ratios():
         layer.weight[pruned[0], pruned[1]] = 100.0
     flip, since_init = update_masks(model)
     assert flip == pytest.approx(2 / 32) and since_init == pytest.approx(2 / 32)
+
+
+class ToyExperts(nn.Module):
+    """Experts held as one 3-D Parameter [experts, out, in], read by indexing in the forward (as transformers')."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts = 3
+        self.w = nn.Parameter(torch.randn(3, 4, 8))
+
+    def forward(self, x, expert):
+        return F.linear(x, self.w[expert])
+
+
+def test_expert_weights_are_masked_per_expert_in_their_owners_forward_and_srste_decays_only_pruned_entries():
+    torch.manual_seed(0)
+    toy = ToyExperts()
+    w0 = toy.w.detach().clone()
+    assert sparsify(toy, filter_fn=lambda name, param: True) == ["w"]
+    layer = toy.w  # outside the forward the attribute is the sparse layer
+    assert isinstance(layer, SparseExpertWeight) and layer.mask.shape == (3, 4, 8)
+    # independently: in each expert's every row, the 2 largest |w| of each group of 4 inputs
+    top = w0.abs().view(3, 4, 2, 4).topk(2, dim=-1).indices
+    want = torch.zeros(3, 4, 2, 4, dtype=torch.bool).scatter_(-1, top, True).view(3, 4, 8)
+    assert torch.equal(layer.mask, want) and check_nm(toy)[0]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(toy(x, 1), x @ (w0 * want)[1].T)
+    # the paper's SR-STE step with no loss gradient on expert 0: its kept weights stay, its pruned ones shrink
+    toy(x, 1).sum().backward()
+    opt = SRSTEAdamW([layer.weight], lr=0.1, masked_modules=[layer])
+    opt.param_groups[0]["srste_lambda"] = 1.0
+    opt.step()
+    w1 = layer.weight.detach()
+    assert torch.equal(w1[0][want[0]], w0[0][want[0]])
+    assert (w1[0][~want[0]].abs() < w0[0][~want[0]].abs()).all()
+    assert not torch.equal(w1[1][want[1]], w0[1][want[1]])  # expert 1 got the loss gradient
