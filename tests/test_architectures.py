@@ -18,7 +18,7 @@ import export
 import families
 import main as main_mod
 import sample
-from checkpoint import load_model
+from checkpoint import load_checkpoint, load_model
 from cli import UserError
 from conftest import gpt2_tokenizer
 from data.loader import BinDataset
@@ -194,7 +194,7 @@ def test_every_tool_on_the_architecture(arch, arch_folders, tiny_data, calibrati
                  "--out_dir", str(tmp_path / "split")]
         assert main_mod.main([*split, "--max_iters", "2", "--zeroshot_tasks", ""])["iter"] == 2
         assert main_mod.main([*split, "--init_from", "resume", "--zeroshot_tasks", ""])["iter"] == 4
-        a, b = (torch.load(d / "ckpt.pt", weights_only=False)["model"] for d in (run, tmp_path / "split"))
+        a, b = (load_checkpoint(str(d / "ckpt.pt"))["model"] for d in (run, tmp_path / "split"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = export.main(["--checkpoint", str(run / "ckpt.pt"), "--out", str(tmp_path / "ast_hf")])
     assert info["verify"]["ok"] and info["verify"]["transformers_class"] == type(hf).__name__
