@@ -67,7 +67,9 @@ def build_model(state: dict, block_size=None):
     model = families.from_config(family, state["model_args"])
     if state.get("sparse_layers"):
         names = set(state["sparse_layers"])
-        sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False, **state["sparsity_args"])
+        # checkpoints from before the tie rule was a setting broke ties towards the lower index
+        sparsify(model, filter_fn=lambda name, mod: name in names, init_masks=False,
+                 **{"ties": "low", **state["sparsity_args"]})
     if state["model"] is not None:  # None: the weights come from elsewhere (a sharded checkpoint)
         sd = dict(state["model"])
         if family == "gpt2":

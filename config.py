@@ -56,6 +56,9 @@ class TrainConfig:
                                         "the dense model over the calibration windows cut to --block_size, for "
                                         "all layers at once: not prune.py's block-by-block Wanda, where later "
                                         "blocks see the already-pruned earlier ones)", ("magnitude", "wanda"))
+    tie_break: str = opt("high", "of two equal scores in an N:M group keep the higher input index (measured best "
+                                 "on a 4-bit-grid model, README) or the lower (this project's rule before)",
+                         ("high", "low"))
     N: int = opt(2, "keep N of every M consecutive input weights")
     M: int = opt(4, "group size of the N:M pattern")
     sparsity: float = opt(0.5, "target sparsity of the unstructured mask types")

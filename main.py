@@ -97,7 +97,7 @@ def adopt_sparsity(model, cfg: TrainConfig, explicit) -> TrainConfig:
     takes their settings, so what the run records is what it trains; a flag the user set to something else stops."""
     layer = sparse_layers(model)[0][1]
     have = {"mode": "sparse_forward", "prune_schedule": "none", "mask_type": layer.mask_type,
-            "mask_metric": layer.metric, "SLoRB": bool(layer.slorb_k)}
+            "mask_metric": layer.metric, "SLoRB": bool(layer.slorb_k), "tie_break": layer.ties}
     have.update({"N": layer.n, "M": layer.m} if layer.mask_type == "structured" else {"sparsity": layer.sparsity})
     if layer.slorb_k:
         have.update(SLoRB_k=layer.slorb_k, trainable_projection=layer.trainable_projection)
@@ -130,7 +130,7 @@ def build_student(cfg: TrainConfig, explicit, rt: Runtime, train: BinDataset):
             sparsify(model, n=cfg.N, m=cfg.M, metric=cfg.mask_metric, filter_fn=families.sparse_filter(model),
                      mask_type=cfg.mask_type, sparsity=cfg.sparsity, slorb_k=cfg.SLoRB_k if cfg.SLoRB else 0,
                      slorb_init=cfg.SLoRB_init_type, trainable_projection=cfg.trainable_projection,
-                     ste=not hard, calibrate=calib, init_masks=not hard)
+                     ste=not hard, calibrate=calib, init_masks=not hard, ties=cfg.tie_break)
         except ValueError as e:  # a pattern or SLoRB k that does not fit the model's widths
             raise UserError(str(e)) from None
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -163,7 +163,8 @@ def apply_pruning_schedule(model, cfg: TrainConfig, step: int, current: float, o
         return current
     for _, layer in sparse_layers(model):
         # scores of the effective weight: already pruned weights score 0 and can never come back
-        layer.update_mask(partial_nm_mask(magnitude_scores(layer.effective_weight()), layer.n, layer.m, fraction))
+        layer.update_mask(partial_nm_mask(magnitude_scores(layer.effective_weight()), layer.n, layer.m, fraction,
+                                          layer.ties))
         local(layer.weight).mul_(layer.mask)
         state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
         for value in state.values():

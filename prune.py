@@ -48,8 +48,8 @@ from checkpoint import load_model, model_state, save_checkpoint
 from cli import UserError
 from data.loader import BinDataset, check_tokenizer, check_wikitext, load_calibration, load_wikitext_tokens
 from evaluate import MAX_EVAL_WINDOW, eval_window, sparsity_report, validation_loss, wikitext_perplexity
-from sparsity import (check_pattern, collect_input_norms, dense_forward, nm_mask, observe_inputs, sparse_layers,
-                      sparsify, unstructured_mask)
+from sparsity import (TIE_RULES, check_pattern, collect_input_norms, dense_forward, nm_mask, observe_inputs,
+                      sparse_layers, sparsify, unstructured_mask)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # Where each method ranks weights when pruning to an unstructured --sparsity, as in its published code:
@@ -59,7 +59,7 @@ UNSTRUCTURED_SCOPE = {"magnitude": "unstructured_layer", "wanda": "unstructured"
 
 # ------------------------------------------------------------------------------------------------ SparseGPT
 @torch.no_grad()
-def sparsegpt_layer(weight, H, n=2, m=4, sparsity=0.0, blocksize=128, percdamp=0.01):
+def sparsegpt_layer(weight, H, n=2, m=4, sparsity=0.0, blocksize=128, percdamp=0.01, ties="high"):
     """SparseGPT (Frantar & Alistarh, 2023) on one linear layer: returns (new weight, bool keep mask).
 
     weight: (out, in); H: (in, in) Hessian 2XXᵀ of the layer's inputs. With sparsity == 0 the mask is n:m
@@ -97,7 +97,7 @@ def sparsegpt_layer(weight, H, n=2, m=4, sparsity=0.0, blocksize=128, percdamp=0
         for i in range(i2 - i1):
             if sparsity == 0 and i % m == 0:
                 # N:M: choose the group's mask from the weights as updated by the columns before it
-                keep1[:, i:i + m] = nm_mask(W1[:, i:i + m] ** 2 / d[i:i + m].unsqueeze(0) ** 2, n, m)
+                keep1[:, i:i + m] = nm_mask(W1[:, i:i + m] ** 2 / d[i:i + m].unsqueeze(0) ** 2, n, m, ties)
             w = W1[:, i]
             q = w * keep1[:, i]
             Q1[:, i] = q
@@ -187,7 +187,8 @@ def prune_block(block, method, x, calls, n, m, sparsity, batch_size, blocksize, 
             experts = [None] if layer.weight.dim() == 2 else range(layer.weight.shape[0])
             for e in experts:
                 weight, mask = (layer.weight, layer.mask) if e is None else (layer.weight[e], layer.mask[e])
-                new, keep = sparsegpt_layer(weight, hessians.pop(layer, e), n, m, sparsity, blocksize, percdamp)
+                new, keep = sparsegpt_layer(weight, hessians.pop(layer, e), n, m, sparsity, blocksize, percdamp,
+                                            layer.ties)
                 weight.copy_(new)
                 mask.copy_(keep)
             layer.init_mask.copy_(layer.mask)
@@ -291,12 +292,13 @@ def reconstruct_block(model, block, dense, x, calls, cfg, batch_size, generator)
 # ------------------------------------------------------------------------------------------------ the loop
 @torch.no_grad()
 def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8, blocksize=128,
-                percdamp=0.01, reconstruct=None, progress=None, report=None):
+                percdamp=0.01, reconstruct=None, progress=None, report=None, ties="high"):
     """Prune a dense model of any family in place with magnitude, Wanda or SparseGPT, optionally followed by local
     reconstruction; returns the model with SparseLinear masks.
 
     tokens: (nsamples, seqlen) calibration windows on the model's device (magnitude alone needs none).
     sparsity > 0 selects unstructured pruning at that sparsity instead of n:m.
+    ties: which of two equal scores an n:m group keeps, the higher input index or the lower (sparsity.nm_mask).
     reconstruct: a Reconstruction, or None for plain one-shot pruning.
     progress: report each block (a bar on a terminal, else a line with the ETA: cli.Progress); False = silent.
     report: a list; one dict per block is appended (its output error against the dense block on the same inputs,
@@ -309,7 +311,7 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
     model.eval()
     # Masks start all-ones (init_masks=False) and are set block by block below; magnitude sets them all now.
     sparsify(model, n=n, m=m, metric=metric, mask_type=mask_type, sparsity=sparsity,
-             filter_fn=families.sparse_filter(model), init_masks=method == "magnitude")
+             filter_fn=families.sparse_filter(model), init_masks=method == "magnitude", ties=ties)
     if method != "magnitude" or reconstruct is not None:
         if tokens is None:
             raise UserError(f"--method {method}{' with --reconstruct' if reconstruct else ''} needs calibration "
@@ -350,6 +352,9 @@ def parse_args(argv=None):
                         "already-pruned earlier blocks, as published); sparsegpt (OBS with error "
                         "compensation, block by block, as published); any of them + --reconstruct True")
     p.add_argument("--n", type=int, default=2, help="keep n of every m consecutive input weights")
+    p.add_argument("--tie_break", default="high", choices=TIE_RULES,
+                   help="of two equal scores in an n:m group keep the higher input index (measured best on a "
+                        "4-bit-grid model, README \"Ties at the N:M boundary\") or the lower")
     p.add_argument("--m", type=int, default=4, help="group size of the n:m pattern")
     p.add_argument("--sparsity", type=float, default=0.0,
                    help="> 0: unstructured pruning at this sparsity instead of n:m (ranked per layer for "
@@ -447,7 +452,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         prune_model(model, args.method, args.n, args.m, args.sparsity, tokens, args.batch_size, args.blocksize,
-                    args.percdamp, reconstruct=args.reconstruction, report=blocks)
+                    args.percdamp, reconstruct=args.reconstruction, report=blocks, ties=args.tie_break)
     except ValueError as e:  # a pattern that does not fit the model's widths
         raise UserError(str(e)) from None
     prune_seconds = time.time() - t0
@@ -455,7 +460,7 @@ def main(argv=None):
     recon = args.reconstruction
     result = {"model": args.model, "family": model.family, "method": args.method, "training": False, "tokens": 0,
               "pattern": f"{args.n}:{args.m}" if args.sparsity == 0 else f"unstructured {args.sparsity}",
-              "n": args.n, "m": args.m, "sparsity": args.sparsity, **report,
+              "n": args.n, "m": args.m, "tie_break": args.tie_break, "sparsity": args.sparsity, **report,
               "calibration": args.calibration or None, "nsamples": None if tokens is None else len(tokens),
               "seqlen": None if tokens is None else tokens.shape[1],
               "reconstruct": None if recon is None else {"epochs": recon.epochs, "lr": recon.lr,

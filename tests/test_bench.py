@@ -130,10 +130,11 @@ def test_rank_based_nm_mask_equals_the_stable_sort_with_ties_signed_zeros_infini
         for n in range(1, m + 1):
             for high in (3, 7, 8):  # ties only; ties and infinities; and NaN (which takes the sort path)
                 scores = values[torch.randint(0, high, (5, 4 * m), generator=g)]
-                expected = _keep_top(scores.reshape(-1, m), n).reshape(scores.shape)
-                assert torch.equal(nm_mask(scores, n, m), expected), (n, m, scores)
+                for ties in ("high", "low"):
+                    expected = _keep_top(scores.reshape(-1, m), n, ties).reshape(scores.shape)
+                    assert torch.equal(nm_mask(scores, n, m, ties), expected), (n, m, ties, scores)
     scores = torch.randn(64, 256, generator=g)
-    assert torch.equal(nm_mask(scores, 2, 4), _keep_top(scores.reshape(-1, 4), 2).reshape(scores.shape))
+    assert torch.equal(nm_mask(scores, 2, 4), _keep_top(scores.reshape(-1, 4), 2, "high").reshape(scores.shape))
 
 
 @torch.no_grad()

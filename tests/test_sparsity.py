@@ -13,13 +13,15 @@ from sparsity import (SRSTEAdamW, SparseExpertWeight, SparseLinear, check_nm, nm
 patterns = st.integers(1, 8).flatmap(lambda m: st.tuples(st.integers(1, m), st.just(m)))
 
 
-def reference_nm_mask(scores, n, m):
-    """Per-group Python reference: sort by (-score, index), keep the first n."""
+def reference_nm_mask(scores, n, m, ties="high"):
+    """Per-group Python reference: sort by (-score, -index) ('high': of equal scores the higher index first) or
+    (-score, index) ('low'), keep the first n."""
     out = torch.zeros_like(scores, dtype=torch.bool)
     rows, cols = scores.shape
+    sign = -1 if ties == "high" else 1
     for r in range(rows):
         for g in range(0, cols, m):
-            order = sorted(range(g, g + m), key=lambda j: (-float(scores[r, j]), j))
+            order = sorted(range(g, g + m), key=lambda j: (-float(scores[r, j]), sign * j))
             for j in order[:n]:
                 out[r, j] = True
     return out
@@ -39,18 +41,42 @@ def test_nm_mask_keeps_exactly_n_largest_per_group(pattern, rows, groups, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(pattern=patterns, rows=st.integers(1, 5), groups=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
-def test_nm_mask_ties_go_to_the_lower_index(pattern, rows, groups, seed):
+def test_nm_mask_ties_go_to_the_higher_index_or_with_ties_low_to_the_lower(pattern, rows, groups, seed):
     n, m = pattern
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 3, (rows, groups * m), generator=g).float()  # many ties
-    mask = nm_mask(scores, n, m)
-    assert torch.equal(mask, reference_nm_mask(scores, n, m))
-    assert torch.equal(mask, nm_mask(scores.clone(), n, m))  # deterministic
+    for ties in ("high", "low"):
+        mask = nm_mask(scores, n, m, ties)
+        assert torch.equal(mask, reference_nm_mask(scores, n, m, ties))
+        assert torch.equal(mask, nm_mask(scores.clone(), n, m, ties))  # deterministic
+    assert torch.equal(nm_mask(scores, n, m), nm_mask(scores, n, m, "high"))  # the default
 
 
-def test_nm_mask_all_equal_keeps_first_n():
-    mask = nm_mask(torch.ones(2, 8), 2, 4)
-    assert mask.tolist() == [[True, True, False, False] * 2] * 2
+def test_nm_mask_all_equal_keeps_the_last_n_or_the_first_n():
+    assert nm_mask(torch.ones(2, 8), 2, 4).tolist() == [[False, False, True, True] * 2] * 2
+    assert nm_mask(torch.ones(2, 8), 2, 4, "low").tolist() == [[True, True, False, False] * 2] * 2
+    with pytest.raises(ValueError, match="unknown tie rule"):
+        nm_mask(torch.ones(2, 8), 2, 4, "random")
+
+
+def test_the_tie_rule_travels_with_the_layer_through_a_checkpoint_state():
+    from checkpoint import build_model, model_state
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():  # a grid of weights: ties everywhere
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape).float())
+    sparsify(model, ties="low")
+    state = model_state(model)
+    assert state["sparsity_args"]["ties"] == "low"
+    rebuilt = build_model(state)
+    for (_, a), (_, b) in zip(sparse_layers(model), sparse_layers(rebuilt)):
+        assert b.ties == "low" and torch.equal(a.mask, b.mask)
+        assert torch.equal(b.compute_mask(), reference_nm_mask(b.weight.detach().abs(), 2, 4, "low"))
+    old = {**state, "sparsity_args": {k: v for k, v in state["sparsity_args"].items() if k != "ties"}}
+    assert all(layer.ties == "low" for _, layer in sparse_layers(build_model(old)))  # before the setting existed
 
 
 def test_nm_mask_works_on_higher_rank_tensors():
