@@ -305,13 +305,23 @@ def capture_block_inputs(model, tokens, batch_size):
     position embeddings (cos, sin), ...; GPT-2's blocks nothing. They depend only on the batch's shape (the
     windows are unpadded and of one length), so they are recorded once per batch size.
 
-    Pre-hooks on the blocks record them without knowing the family: the first batch of each size runs the whole
-    model, so that every block records what the model passes it (a sliding-window layer of Qwen2 gets another
-    mask than a full-attention one); every other batch stops at block 0.
+    Pre-hooks on the blocks record them without knowing the family: the first batch of each size goes through
+    the whole model, so that every block records what the model passes it (a sliding-window layer of Qwen2 gets
+    another mask than a full-attention one), but with every block's computation replaced by handing its input
+    on (what a block is passed besides the hidden states does not depend on their values), so it costs about
+    the embeddings; every other batch stops at block 0.
     """
     blocks = list(model.blocks)
     hidden, calls = [], [{} for _ in blocks]
     stop = False
+    # transformers 4.x decoder layers return a tuple (hidden states, ...), 5.x and GPT-2's blocks a tensor: the
+    # pass-through returns what block 0 returns
+    probe = tokens[:1]
+    as_tuple = isinstance(_first_block_output(model, blocks[0], probe), tuple)
+
+    def pass_through(x=None, *args, **kwargs):
+        x = kwargs["hidden_states"] if x is None else x
+        return (x,) if as_tuple else x
 
     def recorder(i):
         def hook(module, args, kwargs):
@@ -332,14 +342,36 @@ def capture_block_inputs(model, tokens, batch_size):
         for i in range(0, len(tokens), batch_size):
             batch = tokens[i:i + batch_size]
             stop = len(batch) in calls[-1]  # every block's arguments for this batch size are known already
+            for block in blocks if not stop else ():
+                block.forward = pass_through  # an instance attribute: nn.Module.__call__ runs it after the hooks
             try:
                 model.features(batch)
             except _StopForward:
                 pass
+            finally:
+                for block in blocks:
+                    block.__dict__.pop("forward", None)
     finally:
         for h in handles:
             h.remove()
     return torch.cat(hidden), calls
+
+
+def _first_block_output(model, block, tokens):
+    """What block returns when the model calls it (a tensor or a tuple), from one forward that stops after it."""
+    seen = []
+
+    def hook(module, args, out):
+        seen.append(out)
+        raise _StopForward
+    handle = block.register_forward_hook(hook)
+    try:
+        model.features(tokens)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def call_block(block, x, calls):
