@@ -24,6 +24,7 @@ import cli
 from cli import UserError
 from data.c4_dataset.prepare import expand_inputs, read_documents, refuse_existing, sha256_file, temp_name
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer
+from sources import TOKENIZER_HELP
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 METHOD = "one random window per distinct random document longer than seqlen (Wanda/SparseGPT style)"
@@ -63,8 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
-                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL", help=TOKENIZER_HELP)
     p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = p.parse_args(argv)

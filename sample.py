@@ -16,6 +16,7 @@ import torch
 
 import cli
 from cli import UserError
+from sources import MODEL_HELP
 
 
 def next_token_probs(model, idx, temperature=1.0, top_k=0, vocab_size=None):
@@ -73,8 +74,7 @@ def main(argv=None):
     from checkpoint import load_model
 
     p = cli.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint .pt, export folder or Hugging Face folder (gpt2, opt, "
-                                                  "llama, mistral, qwen2)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=100)

@@ -45,8 +45,9 @@ from tqdm import tqdm  # noqa: E402
 import cli  # noqa: E402
 from checkpoint import load_model, tokenizer_info  # noqa: E402
 from cli import UserError  # noqa: E402
-from data.tokenizer import _hf_tokenizer, folder_fingerprint, get_gpt2_encoding, has_hf_tokenizer  # noqa: E402
+from data.tokenizer import get_gpt2_encoding, has_tokenizer, hf_tokenizer, tokenizer_fingerprint  # noqa: E402
 from evaluate import sparsity_report  # noqa: E402
+from sources import MODEL_HELP  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,13 @@ def load_tokenizer(model, tokenizer_dir=""):
     info = tokenizer_info(model)
     folder = tokenizer_dir or info["dir"]
     if folder:
-        if not has_hf_tokenizer(folder):
-            what = "--tokenizer" if tokenizer_dir else "the model's tokenizer folder"
+        if not has_tokenizer(folder):
+            what = "--tokenizer" if tokenizer_dir else "the model's tokenizer source"
             raise UserError(f"{what} {folder} is gone or holds no tokenizer (tokenizer.json, tokenizer.model or "
-                            f"vocab.json + merges.txt): pass --tokenizer FOLDER with the model's tokenizer")
-        if tokenizer_dir and info["fingerprint"] and folder_fingerprint(folder) != info["fingerprint"]:
+                            f"vocab.json + merges.txt): pass --tokenizer with the model's folder or .gguf file")
+        if tokenizer_dir and info["fingerprint"] and tokenizer_fingerprint(folder) != info["fingerprint"]:
             raise UserError(f"--tokenizer {folder} is not the tokenizer the model was trained with (other ids)")
-        tok = _hf_tokenizer(os.path.abspath(folder))
+        tok = hf_tokenizer(folder)[0]
         if tok.eos_token_id is None:
             raise UserError(f"the tokenizer in {folder} has no end-of-text (eos) token")
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -364,15 +365,14 @@ def report(z) -> str:
 
 def main(argv=None):
     p = cli.ArgumentParser(prog="zeroshot.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint .pt, export folder, or Hugging Face folder of any "
-                                                  "supported family (gpt2, opt, llama, mistral, qwen2)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = the full splits)")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="distinct sequences per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (log-softmax always in float32)")
-    p.add_argument("--tokenizer", default="", help="folder with the model's tokenizer (default: the one the model "
+    p.add_argument("--tokenizer", default="", help="the model's tokenizer: a folder, .gguf file or hub id (default: the one the model "
                                                    "records; GPT-2's BPE for GPT-2 models without one)")
     p.add_argument("--data_root", default="", help=f"folder holding zeroshot/ (default ${cli.DATA_ENV} or "
                                                    "../shared/data)")

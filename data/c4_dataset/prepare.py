@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 import cli  # noqa: E402
 from cli import UserError, temp_name  # noqa: E402
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
+from sources import TOKENIZER_HELP  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json")
@@ -243,8 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--max_docs", type=int, default=None, help="read at most this many documents per input group")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="stop an input group after the document that reaches this many tokens")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
-                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL", help=TOKENIZER_HELP)
     p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--download", type=int, default=None, metavar="N",
                    help="first fetch N allenai/c4 en train shards + 1 validation shard into OUT_DIR/raw (network)")
