@@ -22,8 +22,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name, a
 MODEL_HELP = ("a checkpoint .pt, an export or Hugging Face folder (model_type gpt2, opt, llama, mistral, qwen2; "
               "gpt2 ... gpt2-xl name folders in the project root), a .gguf file or a Hugging Face hub id "
               "(OWNER/NAME, through its cache)")
-TOKENIZER_HELP = ("tokenise with this model's own tokenizer: its folder, its .gguf file or its hub id (OPT, LLaMA, ...; "
-                  "default: tiktoken gpt2)")
+TOKENIZER_HELP = ("tokenise with this model's own tokenizer: its folder, its .gguf file or its hub id (OPT, "
+                  "LLaMA, ...; default: tiktoken gpt2)")
 # What a model needs from a hub repository: config, weights, tokenizer (not other formats' copies of the weights).
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
@@ -65,20 +65,20 @@ def resolve(name_or_path: str, what="--model") -> Source:
 
 def hub_snapshot(repo_id: str, what: str) -> str:
     """The local folder of a hub repository: from the Hugging Face cache, else downloaded into it (online only)."""
-    import huggingface_hub
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True)
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
-    cache = huggingface_hub.constants.HF_HUB_CACHE
-    if huggingface_hub.constants.is_offline_mode():
+    cache = constants.HF_HUB_CACHE
+    if constants.is_offline_mode():
         raise UserError(f"{what} {repo_id}: no such local path, and the Hugging Face hub model {repo_id} is not in "
                         f"the cache ({cache}) while offline (HF_HUB_OFFLINE=1): run `hf download {repo_id}` once on "
                         f"a machine with network (or copy its cache), or pass a local folder or .gguf file")
     try:
-        return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES)
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
     except Exception as e:  # no network, no such repository, gated, ...: all end in the same advice
         reason = f"{type(e).__name__}: {e}".strip().splitlines()[0][:200]
         raise UserError(f"{what} {repo_id}: no such local path, not in the Hugging Face cache ({cache}), and the "
