@@ -262,7 +262,7 @@ def prepare_flag(model_source) -> str:
         except ValueError:
             pass
     elif not source.gguf_file:  # a checkpoint: which tokenizer it records is not read here
-        return " --tokenizer MODEL (unless it is GPT-2: its folder, .gguf file or hub id)"
+        return " --tokenizer MODEL (the model's folder, .gguf file or hub id; none for GPT-2)"
     return f" --tokenizer {model_source}"
 
 

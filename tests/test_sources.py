@@ -107,3 +107,13 @@ def test_missing_data_hints_name_the_prepare_command_with_the_models_tokenizer(d
         prune.parse_args(["--model", llama, "--method", "wanda"])
     with pytest.raises(UserError, match=rf"prepare_calibration_data.py --input C4_FILES`"):
         prune.parse_args(["--model", gpt2, "--method", "wanda"])
+
+
+def test_a_file_named_gguf_that_is_not_one_is_one_line_from_the_loader_and_the_tokenizer(tmp_path):
+    pytest.importorskip("gguf")
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF, but not really" * 8)
+    with pytest.raises(UserError, match=f"cannot load {bad} with transformers' GGUF loader"):
+        load_model(str(bad))
+    with pytest.raises(UserError, match=f"--tokenizer {bad}: transformers cannot load its tokenizer"):
+        get_tokenizer(str(bad))
