@@ -19,6 +19,7 @@ dense, as in AST, Wanda and SparseGPT), loading/saving local Hugging Face folder
 one-shot baselines (prune.py) block 0's captured inputs, one block called on them (capture_block_inputs,
 call_block) and a block's attention and MLP submodules (block_parts).
 """
+import contextlib
 import copy
 import functools
 import os
@@ -198,6 +199,23 @@ def _first_line(error):
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+@contextlib.contextmanager
+def _no_bar_off_terminal():
+    """transformers' GGUF reader draws a tqdm bar of its own that ignores disable_progress_bar(): hide it when
+    stderr is no terminal (a log file), by giving that module a tqdm that is off for the duration."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _load_gguf(source, dtype):
     """A .gguf through transformers' GGUF loader, dequantised to dtype, as an ordinary *ForCausalLM.
 
@@ -206,18 +224,13 @@ def _load_gguf(source, dtype):
     like any Hugging Face folder.
     """
     transformers = _quiet_transformers()
-    quiet = not sys.stderr.isatty() and "TQDM_DISABLE" not in os.environ
     try:
-        if quiet:  # transformers' GGUF reader draws its own tqdm bar: none in log files
-            os.environ["TQDM_DISABLE"] = "1"
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(**source.pretrained_args(), dtype=dtype)
+        with _no_bar_off_terminal():
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(**source.pretrained_args(), dtype=dtype)
     except ImportError as e:  # the gguf package
         raise UserError(f"reading {source.path} needs the gguf package ({_first_line(e)}): pip install gguf") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot load {source.path} with transformers' GGUF loader ({_first_line(e)})") from None
-    finally:
-        if quiet:
-            del os.environ["TQDM_DISABLE"]
     check_family(loaded.config.model_type, source.path)
     if loaded.config.model_type == "gpt2":
         raise UserError(f"{source.path}: GPT-2 from a .gguf file is not supported; pass its Hugging Face folder")
