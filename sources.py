@@ -30,15 +30,16 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 @dataclass(frozen=True)
 class Source:
-    """Where a model (or its tokenizer) is. path: a local file or folder (a hub id's cached snapshot folder);
-    gguf_file: the .gguf's name when path is one; hub_id: the hub id it was resolved from, if any."""
+    """Where a model (or its tokenizer) is. path: a local file or folder (a hub id's cached snapshot folder; a
+    .gguf file's absolute path, so that its tokenizer is loaded once however it was named); gguf_file: the
+    .gguf's name when path is one; hub_id: the hub id it was resolved from, if any."""
     path: str
     gguf_file: str = None
     hub_id: str = None
 
     @property
     def folder(self):
-        return os.path.dirname(os.path.abspath(self.path)) if self.gguf_file else self.path
+        return os.path.dirname(self.path) if self.gguf_file else self.path
 
     @property
     def name(self):
@@ -57,7 +58,7 @@ def resolve(name_or_path: str, what="--model") -> Source:
     if name_or_path in GPT2_NAMES and not os.path.exists(name_or_path):
         return Source(os.path.join(REPO_ROOT, name_or_path))
     if os.path.isfile(name_or_path) and name_or_path.lower().endswith(".gguf"):
-        return Source(name_or_path, gguf_file=os.path.basename(name_or_path))
+        return Source(os.path.abspath(name_or_path), gguf_file=os.path.basename(name_or_path))
     if os.path.exists(name_or_path) or not HUB_ID.match(name_or_path) or name_or_path.endswith((".pt", ".gguf")):
         return Source(name_or_path)
     return Source(hub_snapshot(name_or_path, what), hub_id=name_or_path)
