@@ -3,13 +3,13 @@
     python zeroshot.py --model out/ast_boosted/ckpt.pt                     # the seven tasks, full splits
     python zeroshot.py --model out/ast_boosted_hf --tasks arc_easy,boolq --limit 200 --out out/zs.json
 
---model is anything checkpoint.load_model reads: a checkpoint (.pt), an export folder (masks and a separately
-kept SLoRB branch restored) or a Hugging Face folder of a supported family. The harness runs as a library and
-decides everything about a task (prompts, choices, gold, metrics): its own task YAMLs, `include`d by small
-local ones written at run time that point at the splits in $SPARSE_GPT2_DATA/zeroshot (see its README).
+--model is anything checkpoint.load_model reads: a checkpoint (.pt), an export folder (masks and a separately kept
+SLoRB branch restored), a Hugging Face folder of a supported family, a .gguf file or a hub id. The harness runs as
+a library and decides everything about a task (prompts, choices, gold, metrics): its own task YAMLs, `include`d by
+small local ones written at run time that point at the splits in $SPARSE_GPT2_DATA/zeroshot (see its README).
 HarnessLM answers the harness's log-likelihood requests with the model object itself, in batches: the sparse
-weights exactly as masked, SLoRB included, nothing converted or copied. It follows the rules of the harness's
-own `hf` model (tokenisation, BOS, left truncation to the context), so its numbers are `lm_eval --model hf`'s.
+weights exactly as masked, SLoRB included, nothing converted or copied. It follows the rules of the harness's own
+`hf` model (tokenisation, BOS, left truncation to the context), so its numbers are `lm_eval --model hf`'s.
 
 Reported per task: acc, and acc_norm where the task defines it, with the harness's standard errors and the
 number of examples; the mean of acc over the tasks (the metric AST's and Wanda's tables report), and the mean

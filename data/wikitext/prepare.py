@@ -2,13 +2,13 @@
 
     python data/wikitext/prepare.py --input ../shared/data/wikitext2
 
-The paper's protocol: the split's Hugging Face rows joined with "\\n\\n", tokenised with GPT-2
-`encode_ordinary` (no EOT); the test split gives 287,644 tokens. With --tokenizer MODEL_DIR, Wanda's and
-SparseGPT's protocol for other models: that model's tokenizer on the same joined text, with the special tokens
-the tokenizer itself adds (OPT and LLaMA: one BOS at the very start of the stream, so only the first window
-begins with it); uint32 ids when the vocabulary exceeds 65,536. Reads `wiki.test.raw` / `wiki.valid.raw`,
-`test.jsonl` / `validation.jsonl` (one {"text": ...} row per line) or Hugging Face parquet files (needs
-pyarrow or pandas). With --download it fetches the wikitext-2-raw-v1 parquet files first (needs network).
+The paper's protocol: the split's Hugging Face rows joined with "\\n\\n", tokenised with GPT-2 `encode_ordinary`
+(no EOT); the test split gives 287,644 tokens. With --tokenizer MODEL (a folder, a .gguf file or a hub id), Wanda's
+and SparseGPT's protocol for other models: that model's tokenizer on the same joined text, with the special tokens
+the tokenizer itself adds (OPT and LLaMA: one BOS at the very start of the stream, so only the first window begins
+with it); uint32 ids when the vocabulary exceeds 65,536. Reads `wiki.test.raw` / `wiki.valid.raw`, `test.jsonl` /
+`validation.jsonl` (one {"text": ...} row per line) or Hugging Face parquet files (needs pyarrow or pandas). With
+--download it fetches the wikitext-2-raw-v1 parquet files first (needs network).
 """
 import glob
 import importlib.util
