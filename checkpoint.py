@@ -32,8 +32,9 @@ import torch
 
 import families
 from cli import REPO_ROOT, UserError, is_rank_zero, write_text
-from data.tokenizer import folder_fingerprint, gpt2_fingerprint, has_hf_tokenizer
-from model import GPT, GPTConfig, resolve_model_path
+from data.tokenizer import gpt2_fingerprint, has_hf_tokenizer, tokenizer_fingerprint
+from model import GPT, GPTConfig
+from sources import resolve
 from sparsity import layer_args, nm_mask, sparse_layers, sparsify
 
 EXPORT_INFO = "sparse_export.json"  # written by export.py beside the weights of a sparse export folder
@@ -89,32 +90,40 @@ def tokenizer_info(model) -> dict:
     return getattr(model, "tokenizer_info", None) or _default_tokenizer(model.family, None)
 
 
-def _default_tokenizer(family, folder):
-    if has_hf_tokenizer(folder):
-        return {"dir": os.path.abspath(folder), "fingerprint": folder_fingerprint(folder)}
+def _default_tokenizer(family, source):
+    """tokenizer_info of a model loaded from a sources.Source (None: from a checkpoint that records none).
+
+    "dir" is where the tokenizer is: a folder, a .gguf file (its tokenizer is stored inside) or a hub id."""
+    if source is not None and (source.gguf_file or has_hf_tokenizer(source.path)):
+        return {"dir": source.name, "fingerprint": tokenizer_fingerprint(source.name)}
     # a GPT-2 folder without tokenizer files means GPT-2's own BPE; other families' cannot be guessed
     return {"dir": None, "fingerprint": gpt2_fingerprint() if family == "gpt2" else None}
 
 
 def load_model(path: str, block_size=None, dtype=torch.float32, what="--model"):
     """The one loader: a model from a checkpoint file (.pt), an export folder (export.py / prune.py: masks and
-    a separately kept SLoRB branch restored) or a Hugging Face folder of any decoder-only family (or a GPT-2 name).
+    a separately kept SLoRB branch restored), a Hugging Face folder of any decoder-only model (or a GPT-2 name),
+    a .gguf file or a Hugging Face hub id (sources.resolve).
 
     what names the flag the path came from, for the error when it is none of these.
     """
-    path = resolve_model_path(path)
-    if os.path.isfile(path):
+    source = resolve(path, what)
+    path = source.path
+    if source.gguf_file:
+        model = families.from_pretrained(path, block_size=block_size, dtype=dtype)
+        model.tokenizer_info = _default_tokenizer(model.family, source)
+    elif os.path.isfile(path):
         model = build_model(load_checkpoint(path), block_size=block_size).to(dtype)
     elif folder := sharded_checkpoint(path):
         model = load_sharded_model(folder, block_size=block_size).to(dtype)
     elif os.path.isdir(path):
         model = families.from_pretrained(path, block_size=block_size, dtype=dtype)
-        model.tokenizer_info = _default_tokenizer(model.family, path)
+        model.tokenizer_info = _default_tokenizer(model.family, source)
         if os.path.isfile(os.path.join(path, EXPORT_INFO)):
             restore_export(model, path)
     else:
-        raise UserError(f"{what} {path} not found: pass a checkpoint (.pt), an export folder or a "
-                        f"Hugging Face model folder (any decoder-only transformers model)")
+        raise UserError(f"{what} {path} not found: pass a checkpoint (.pt), an export folder, a Hugging Face "
+                        f"model folder (any decoder-only transformers model), a .gguf file or a hub id")
     return model
 
 

@@ -98,8 +98,8 @@ def read_model_config(path) -> dict:
     """config.json of a local Hugging Face model folder, with one-line errors for a missing or broken folder."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
-        raise UserError(f"model folder {path} not found: pass a Hugging Face model folder (model_type gpt2, opt, "
-                        f"llama, mistral or qwen2), an export folder or a checkpoint .pt")
+        raise UserError(f"model folder {path} not found: pass a Hugging Face model folder, a .gguf file, a hub id, "
+                        f"an export folder or a checkpoint .pt")
     if not os.path.isfile(cfg_file):
         raise UserError(f"{cfg_file} not found: {path} is not a Hugging Face model folder")
     try:

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 
 from cli import REPO_ROOT, UserError, did_you_mean, parse_bool
+from sources import MODEL_HELP
 
 
 def opt(default, help, choices=None):
@@ -29,10 +30,8 @@ class TrainConfig:
     init_from: str = opt("", "'' starts from --student_model; 'resume' continues out_dir/ckpt.pt exactly; "
                              "'scratch' builds a random GPT-2 of --n_layer/--n_head/--n_embd (pretraining); "
                              "or a checkpoint .pt / export folder to start from (a sparse one keeps its masks "
-                             "and SLoRB exactly)")
-    student_model: str = opt("gpt2", "student: a local Hugging Face folder of model_type gpt2, opt, llama, "
-                                     "mistral or qwen2 (gpt2 ... gpt2-xl name folders in the project root), an "
-                                     "export folder or a checkpoint .pt")
+                             "and SLoRB exactly), or any other model --student_model accepts")
+    student_model: str = opt("gpt2", "student: " + MODEL_HELP)
     n_layer: int = opt(12, "--init_from scratch only: number of blocks")
     n_head: int = opt(12, "--init_from scratch only: attention heads")
     n_embd: int = opt(768, "--init_from scratch only: width")

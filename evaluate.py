@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import cli
 from cli import UserError
 from data.loader import BinDataset, check_wikitext, eval_offsets, load_wikitext_tokens
+from data.tokenizer import prepare_flag
+from sources import MODEL_HELP
 from sparsity import check_nm, local, sparse_layers
 
 
@@ -168,8 +170,7 @@ def main(argv=None):
     from checkpoint import load_model
 
     p = cli.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint .pt, export folder, or Hugging Face folder of any "
-                                                  "decoder-only model (gpt2, llama, qwen3, ...)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--wikitext_dir", default="data/wikitext", help="folder with test.bin ('' to skip)")
     p.add_argument("--data_dir", default="", help="folder with val.bin for the C4 validation loss ('' to skip)")
     p.add_argument("--eval_block_size", "--block_size", type=int, default=0, dest="eval_block_size",
@@ -191,13 +192,14 @@ def main(argv=None):
     model.to(args.device).eval()
     result = {"model": args.model, "eval_block_size": block_size, **sparsity_report(model)}
     if args.wikitext_dir:
-        tokens = load_wikitext_tokens(args.wikitext_dir, "test")
+        tokens = load_wikitext_tokens(args.wikitext_dir, "test", prepare_flag(args.model))
         check_wikitext(args.wikitext_dir, tokens, model)
         result["wikitext_ppl"] = wikitext_perplexity(model, tokens, block_size, args.ppl_windows, args.batch_size,
                                                      args.device, progress=True)
         result["ppl_windows"] = args.ppl_windows
     if args.data_dir:
-        val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model)
+        val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size, prepare_flag(args.model))
+        val = val.check_model(model)
         result["val_loss"] = validation_loss(model, val, args.batch_size, args.eval_iters, args.device,
                                              progress=True)
     result["eval_seconds"] = round(time.time() - t0, 2)

@@ -26,8 +26,8 @@ import cli
 import families
 from checkpoint import EXPORT_INFO, SLORB_FILE, load_model, tokenizer_info
 from cli import UserError
-from data.tokenizer import TOKENIZER_FILES, gpt2_fingerprint, has_hf_tokenizer
-from model import resolve_model_path
+from data.tokenizer import TOKENIZER_FILES, gpt2_fingerprint, has_hf_tokenizer, hf_tokenizer, prepare_flag
+from sources import MODEL_HELP, resolve
 from sparsity import SparseExpertWeight, layer_args, nm_violations, sparse_layers
 
 # OpenAI's encoder.json / vocab.bpe hold the GPT-2 BPE under other names: copied as vocab.json / merges.txt.
@@ -58,8 +58,16 @@ def plain_state_dict(model, merge_slorb=False) -> dict:
 
 
 def find_tokenizer(candidates):
-    """First folder among candidates holding a tokenizer: (folder, {name in the export: file there}) or (None, None)."""
-    for folder in candidates:
+    """The first candidate (a folder, model name, .gguf file or hub id) holding a tokenizer: (folder, {name in the
+    export: file there}), (the .gguf file, None) when it stores the tokenizer inside, or (None, None)."""
+    for candidate in candidates:
+        try:
+            source = resolve(candidate, "the tokenizer source") if candidate else None
+        except UserError:  # a recorded hub id that is no longer cached: look further
+            continue
+        if source and source.gguf_file:
+            return source.name, None
+        folder = source and source.path
         if not folder or not os.path.isdir(folder):
             continue
         if has_hf_tokenizer(folder):
@@ -105,10 +113,12 @@ def export_model(model, out, tokenizer_dirs=(), merge_slorb=False, source=""):
                 tensors[f"{key}.slorb_X"] = layer.slorb_X.detach().float().cpu().contiguous()
         save_file(tensors, os.path.join(out, SLORB_FILE), metadata={"format": "pt"})
 
-    dirs = [resolve_model_path(d) for d in tokenizer_dirs if d] + [tokenizer_info(model)["dir"]] \
-        + default_tokenizer_dirs(model)
+    dirs = [d for d in tokenizer_dirs if d] + [tokenizer_info(model)["dir"]] + default_tokenizer_dirs(model)
     tok_dir, files = find_tokenizer(dirs)
-    if tok_dir is not None:
+    if tok_dir is not None and files is None:  # a .gguf file: transformers writes its tokenizer's files
+        hf_tokenizer(tok_dir)[0].save_pretrained(out)
+        print(f"tokenizer: written from {tok_dir}")
+    elif tok_dir is not None:
         for ours, theirs in files.items():
             shutil.copyfile(os.path.join(tok_dir, theirs), os.path.join(out, ours))
         print(f"tokenizer: copied from {tok_dir}")
@@ -212,7 +222,7 @@ def main(argv=None):
     p = cli.ArgumentParser(prog="export.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                   help="main.py ckpt.pt / best.pt, a prune.py .pt, or an export / Hugging Face folder")
+                   help="main.py ckpt.pt / best.pt, a prune.py .pt, or any model: " + MODEL_HELP)
     p.add_argument("--out", required=True, help="output folder (a Hugging Face folder of the model's transformers class)")
     p.add_argument("--tokenizer_dir", default="",
                    help="copy the tokenizer files from here; default: the model folder the checkpoint records, "
@@ -229,15 +239,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
         raise UserError(f"{args.out} exists and is not empty: pass --force to write into it")
-    source = resolve_model_path(args.checkpoint)
-    if os.path.isfile(source):
-        ckpt = load_checkpoint(source)
+    source = resolve(args.checkpoint, "--checkpoint")
+    if os.path.isfile(source.path) and not source.gguf_file:
+        ckpt = load_checkpoint(source.path)
         model, recorded = build_model(ckpt), checkpoint_model_dirs(ckpt)
-    else:  # an export or Hugging Face folder (e.g. to re-export, or to export a dense model)
-        model, recorded = load_model(source, what="--checkpoint"), []
+    else:  # an export or Hugging Face folder, a .gguf file or a hub id (to re-export, or to export a dense model)
+        model, recorded = load_model(args.checkpoint, what="--checkpoint"), []
     model.eval()
-    info = export_model(model, args.out, [args.tokenizer_dir, *recorded], args.merge_slorb,
-                        source=os.path.abspath(source))
+    info = export_model(model, args.out, [args.tokenizer_dir, *recorded], args.merge_slorb, source=source.name)
     if info["slorb"] == "separate":
         print("NOTE: this checkpoint has SLoRB; it is kept as a separate branch in slorb.safetensors (not merged "
               "into the 2:4 weights). transformers alone loads only the 2:4 part; the full model loads with "
@@ -246,7 +255,8 @@ def main(argv=None):
     print(f"wrote {args.out} (pattern {info['pattern']}, SLoRB {info['slorb'] or 'none'})")
     if not args.verify:
         return info
-    wt = load_wikitext_tokens(args.wikitext_dir, "test") if args.verify_ppl_windows > 0 else None
+    wt = load_wikitext_tokens(args.wikitext_dir, "test", prepare_flag(args.checkpoint)) \
+        if args.verify_ppl_windows > 0 else None
     report = verify_export(model, args.out, info, wt, args.verify_ppl_windows)
     if not report["ok"]:
         print("error: the export does not reproduce the checkpoint (see above): please report this as a bug",

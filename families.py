@@ -24,15 +24,19 @@ that scale the logits by a constant (folded into the features). For the one-shot
 0's captured inputs, one block called on them (capture_block_inputs, call_block) and a block's attention and MLP
 submodules (block_parts).
 """
+import contextlib
+import copy
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from cli import UserError, read_model_config
-from model import GPT, GPTConfig, resolve_model_path
+from model import GPT, GPTConfig
+from sources import resolve
 from sparsity import expert_weights
 
 # Dropout is off for retraining, as for GPT-2 (and in the published recipe); these are the config keys.
@@ -181,11 +185,15 @@ def our_name(model, name: str) -> str:
 # ------------------------------------------------------------------------------------------------ folders
 def read_hf_config(path) -> dict:
     """config.json of a local Hugging Face folder (one-line errors when it names no model_type)."""
-    path = resolve_model_path(path)
+    path = resolve(path).path
     hf = read_model_config(path)
-    if not hf.get("model_type"):
-        raise UserError(f"{os.path.join(path, 'config.json')} names no model_type: not a transformers model folder")
+    check_family(hf.get("model_type"), os.path.join(path, "config.json"))
     return hf
+
+
+def check_family(model_type, where):
+    if not model_type:
+        raise UserError(f"{where} names no model_type: not a transformers model")
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,8 +225,12 @@ def crop_context(model, block_size, source):
 
 
 def from_pretrained(path, block_size=None, dtype=torch.float32):
-    """A dense model of any decoder-only family from a local Hugging Face folder (dropout off, fp32 by default)."""
-    path = resolve_model_path(path)
+    """A dense model of any decoder-only family from a local Hugging Face folder, a .gguf file or a hub id
+    (sources.resolve), with dropout off, fp32 by default."""
+    source = resolve(path)
+    if source.gguf_file:
+        return crop_context(HFCausalLM(_load_gguf(source, dtype)), block_size, source.path)
+    path = source.path
     family = read_hf_config(path)["model_type"]
     if family == "gpt2":
         return GPT.from_pretrained(path, block_size=block_size).to(dtype)
@@ -228,9 +240,59 @@ def from_pretrained(path, block_size=None, dtype=torch.float32):
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True,
                                                                dtype=dtype)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {path} with transformers ({first})") from None
+        raise UserError(f"cannot load {path} with transformers ({_first_line(e)})") from None
     return crop_context(HFCausalLM(hf.eval()), block_size, path)
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+@contextlib.contextmanager
+def _no_bar_off_terminal():
+    """transformers' GGUF reader draws a tqdm bar of its own that ignores disable_progress_bar(): hide it when
+    stderr is no terminal (a log file), by giving that module a tqdm that is off for the duration."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def _load_gguf(source, dtype):
+    """A .gguf through transformers' GGUF loader, dequantised to dtype, as an ordinary *ForCausalLM.
+
+    transformers marks a GGUF-loaded model as quantised and refuses to save it; the same weights in a fresh
+    model of its class, built from its config without quantization_config, save (export, checkpoints) and load
+    like any Hugging Face folder.
+    """
+    transformers = _quiet_transformers()
+    try:
+        with _no_bar_off_terminal():
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(**source.pretrained_args(), dtype=dtype)
+    except ImportError as e:  # the gguf package
+        raise UserError(f"reading {source.path} needs the gguf package ({_first_line(e)}): pip install gguf") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load {source.path} with transformers' GGUF loader ({_first_line(e)})") from None
+    check_family(loaded.config.model_type, source.path)
+    if loaded.config.model_type == "gpt2":
+        raise UserError(f"{source.path}: GPT-2 from a .gguf file is not supported; pass its Hugging Face folder")
+    config = _no_dropout(copy.deepcopy(loaded.config))
+    del config.quantization_config
+    with torch.device("meta"):  # no random initialisation: every tensor comes from the loaded model
+        model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    for name, buffer in loaded.named_buffers():  # buffers outside the state dict (e.g. RoPE's inv_freq)
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, buffer)
+    model.tie_weights()
+    return model.to(dtype).eval()
 
 
 def model_args(model) -> dict:

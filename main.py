@@ -35,10 +35,12 @@ from cli import EXIT_KEYBOARD_INTERRUPT, Interrupted, UserError
 from config import TrainConfig, config_warnings, explicit_keys, help_text, parse_config
 from data.loader import (BinDataset, GlobalBatchSampler, check_tokenizer, check_wikitext, load_calibration,
                          load_wikitext_tokens, micro_batches)
+from data.tokenizer import prepare_flag
 from evaluate import eval_window, sparsity_report, validation_loss, wikitext_perplexity
-from model import GPT, GPTConfig, resolve_model_path
+from model import GPT, GPTConfig
 from parallelize import Runtime
 from rundir import clear_run, open_run, trim_metrics
+from sources import resolve
 from sparsity import (SRSTEAdamW, local, magnitude_scores, partial_nm_mask, pruning_fraction, sparse_layers,
                       sparsify, srste_lambda, update_masks)
 
@@ -65,10 +67,15 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr * max(cfg.max_iters - it, 0) / (cfg.max_iters - cfg.lr_decay_iters)
 
 
+def data_flag(cfg: TrainConfig) -> str:
+    """The prepare scripts' --tokenizer for the starting model, for the hint when a data file is missing."""
+    return prepare_flag(cfg.init_from if cfg.init_from not in ("", "resume") else cfg.student_model)
+
+
 def calibration_tokens(cfg: TrainConfig, train: BinDataset, model):
     """Wanda calibration windows: the file from prepare_calibration_data.py, or seeded windows of train.bin."""
     if cfg.calibration:
-        tokens, meta = load_calibration(cfg.calibration)
+        tokens, meta = load_calibration(cfg.calibration, data_flag(cfg))
         check_tokenizer(meta, model, cfg.calibration)
         if tokens.shape[1] > cfg.block_size and cli.is_rank_zero():
             print(f"--mask_metric wanda: the calibration windows of {cfg.calibration} ({tokens.shape[1]} tokens) are "
@@ -323,12 +330,14 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
             print(f"warning: {warning}", file=sys.stderr)
 
     # ---- flags that name files, and the data (checked before the model is loaded, so a typo fails fast)
-    if cfg.init_from not in ("", "scratch", "resume") and not os.path.exists(resolve_model_path(cfg.init_from)):
+    explicit_start = cfg.init_from not in ("", "scratch", "resume")
+    if explicit_start and not os.path.exists(resolve(cfg.init_from, "--init_from").path):
         raise UserError(f"--init_from {cfg.init_from!r} is none of: resume, scratch, an existing checkpoint "
-                        f"file, an export or Hugging Face model folder")
-    train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size)
-    val_data = BinDataset(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size)
-    wikitext = load_wikitext_tokens(cfg.wikitext_dir, "test") if cfg.wikitext_dir else None  # '' = no perplexity
+                        f"file, an export or Hugging Face model folder, a .gguf file or a cached hub id")
+    flag = data_flag(cfg)
+    train_data = BinDataset(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, flag)
+    val_data = BinDataset(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size, flag)
+    wikitext = load_wikitext_tokens(cfg.wikitext_dir, "test", flag) if cfg.wikitext_dir else None  # '' = none
     per_step = cfg.batch_size * rt.world_size
     if cfg.global_batch_size % per_step:
         raise UserError(f"--global_batch_size {cfg.global_batch_size} is not divisible by --batch_size "

@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cli import REPO_ROOT, UserError, read_model_config
+from cli import UserError, read_model_config
 from loss import cross_entropy
+from sources import resolve
 
 
 @dataclass
@@ -36,13 +37,6 @@ GPT2_SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """gpt2 / gpt2-medium / gpt2-large / gpt2-xl name folders in the project root; anything else is a path."""
-    if name_or_path in GPT2_SHAPES and not os.path.exists(name_or_path):
-        return os.path.join(REPO_ROOT, name_or_path)
-    return name_or_path
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,7 +175,7 @@ class GPT(nn.Module):
         Conv1D weights are stored (in, out) by Hugging Face and transposed here to nn.Linear's (out, in).
         block_size may shrink (never grow) the context, cropping the position embeddings.
         """
-        path = resolve_model_path(path)
+        path = resolve(path).path
         config = read_hf_config(path)
         if block_size is not None:
             if block_size > config.block_size:

@@ -3,14 +3,14 @@
     python prepare_calibration_data.py --input ../shared/data/c4/en/c4-train.00000-of-01024.head1000.json.gz \
         --nsamples 64 --seqlen 1024 --seed 0 --out data/c4_dataset/calibration.pt
 
-As Wanda and SparseGPT do: pick a random document; if it has more than seqlen tokens, take a random window
-of seqlen tokens from it, else pick again. One difference, on purpose: documents are drawn without
-replacement, so the windows come from nsamples distinct documents (never two windows of one document);
-when fewer documents are long enough, the script says so instead of repeating them. The RNG is a local
-numpy Generator seeded with --seed (the published script never applied its seed), and the same inputs and
-seed give a byte-identical file. Tokens are tiktoken GPT-2's, or with --tokenizer MODEL_DIR that model's own
-(each document encoded as the published code does, with the tokenizer's own special tokens: for OPT and LLaMA a
-window that starts at a document's first token begins with BOS). Load it with `data.loader.load_calibration(path)`.
+As Wanda and SparseGPT do: pick a random document; if it has more than seqlen tokens, take a random window of
+seqlen tokens from it, else pick again. One difference, on purpose: documents are drawn without replacement, so the
+windows come from nsamples distinct documents (never two windows of one document); when fewer documents are long
+enough, the script says so instead of repeating them. The RNG is a local numpy Generator seeded with --seed (the
+published script never applied its seed), and the same inputs and seed give a byte-identical file. Tokens are
+tiktoken GPT-2's, or with --tokenizer MODEL (a folder, a .gguf file or a hub id) that model's own (each document
+encoded as the published code does, with the tokenizer's own special tokens: for OPT and LLaMA a window that starts
+at a document's first token begins with BOS). Load it with `data.loader.load_calibration(path)`.
 
 All documents of the inputs are held in memory: pass one C4 shard, not many.
 """
@@ -24,6 +24,7 @@ import cli
 from cli import UserError
 from data.c4_dataset.prepare import expand_inputs, read_documents, refuse_existing, sha256_file, temp_name
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer
+from sources import TOKENIZER_HELP
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 METHOD = "one random window per distinct random document longer than seqlen (Wanda/SparseGPT style)"
@@ -63,8 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
-                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL", help=TOKENIZER_HELP)
     p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = p.parse_args(argv)

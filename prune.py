@@ -47,7 +47,9 @@ import families
 from checkpoint import load_model, model_state, save_checkpoint
 from cli import UserError
 from data.loader import BinDataset, check_tokenizer, check_wikitext, load_calibration, load_wikitext_tokens
+from data.tokenizer import prepare_flag
 from evaluate import MAX_EVAL_WINDOW, eval_window, sparsity_report, validation_loss, wikitext_perplexity
+from sources import MODEL_HELP
 from sparsity import (TIE_RULES, check_pattern, collect_input_norms, dense_forward, nm_mask, observe_inputs,
                       sparse_layers, sparsify, unstructured_mask)
 
@@ -345,8 +347,7 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="prune.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="dense model: a Hugging Face folder (any decoder-only "
-                                                  "model), a GPT-2 name (gpt2, ...) or a dense checkpoint .pt")
+    p.add_argument("--model", required=True, help="the dense model: " + MODEL_HELP)
     p.add_argument("--method", required=True, choices=METHODS,
                    help="magnitude (|W|, no data); wanda (|W|·||X_j||, statistics block by block from the "
                         "already-pruned earlier blocks, as published); sparsegpt (OBS with error "
@@ -410,7 +411,7 @@ def parse_args(argv=None):
     if (args.method != "magnitude" or args.reconstruct) and not args.calibration:
         what = f"--method {args.method}" + (" --reconstruct True" if args.reconstruct else "")
         raise UserError(f"{what} needs --calibration FILE: make one with `python prepare_calibration_data.py "
-                        "--input C4_FILES --tokenizer MODEL_DIR`")
+                        f"--input C4_FILES{prepare_flag(args.model)}`")
     if args.sparsity == 0 and args.method == "sparsegpt" and args.blocksize % args.m:
         raise UserError(f"--blocksize {args.blocksize} must be a multiple of --m {args.m}")
     if min(args.batch_size, args.blocksize) < 1 or min(args.eval_block_size, args.seqlen, args.nsamples,
@@ -427,11 +428,11 @@ def main(argv=None):
     # every input is read before the model is pruned: a wrong path fails fast, not after the work
     tokens = meta = None
     if args.method != "magnitude" or args.reconstruct:
-        tokens, meta = load_calibration(args.calibration)
+        tokens, meta = load_calibration(args.calibration, prepare_flag(args.model))
         if args.nsamples > len(tokens):
             raise UserError(f"--nsamples {args.nsamples} but {args.calibration} holds only {len(tokens)} windows")
         tokens = tokens[:args.nsamples or len(tokens)]
-    wikitext = load_wikitext_tokens(args.wikitext_dir, "test") if args.wikitext_dir else None
+    wikitext = load_wikitext_tokens(args.wikitext_dir, "test", prepare_flag(args.model)) if args.wikitext_dir else None
     model = load_model(args.model)
     if sparse_layers(model):
         raise UserError(f"{args.model} is already sparse: prune.py starts from a dense model")
@@ -440,7 +441,8 @@ def main(argv=None):
     if wikitext is not None:
         check_wikitext(args.wikitext_dir, wikitext, model)
     block_size = eval_window(model, args.eval_block_size)
-    val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size).check_model(model) if args.data_dir else None
+    val = BinDataset(os.path.join(args.data_dir, "val.bin"), block_size, prepare_flag(args.model)).check_model(model) \
+        if args.data_dir else None
     model.to(args.device)
     if tokens is not None:
         tokens = tokens[:, :args.seqlen or tokens.shape[1]]

@@ -1,15 +1,17 @@
-"""Generate text from any model: a checkpoint, an export folder or a Hugging Face folder (nanoGPT's sample.py).
+"""Generate text from any model: a checkpoint, an export or Hugging Face folder, a .gguf file or a hub id.
+
+nanoGPT's sample.py, for every model this project loads.
 
     python sample.py --model out/demo/ast_boosted/seed0/ckpt.pt --start "The city council said" --num_samples 3
     python sample.py --model opt-125m --start FILE:prompt.txt --temperature 0.8 --top_k 200 --seed 1337
 
 The model comes through checkpoint.load_model (GPT-2 or any decoder-only transformers model; masks and SLoRB
 included), so what it writes is what the model evaluated in the tables computes. The prompt is encoded and the
-samples decoded with the model's own tokenizer folder (transformers) when it records one, else GPT-2's BPE
-(tiktoken). Each new token: the logits of the last position divided by --temperature, only the --top_k most
-likely kept, one token drawn from their softmax with a torch.Generator seeded by --seed (same seed, same
-text); --temperature 0 takes the most likely token. Ids beyond the tokenizer's vocabulary (OPT pads its
-embedding) are never drawn.
+samples decoded with the model's own tokenizer (transformers; a folder, a .gguf file or a hub id) when it records
+one, else GPT-2's BPE (tiktoken). Each new token: the logits of the last position divided by --temperature, only
+the --top_k most likely kept, one token drawn from their softmax with a torch.Generator seeded by --seed (same
+seed, same text); --temperature 0 takes the most likely token. Ids beyond the tokenizer's vocabulary (OPT pads
+its embedding) are never drawn.
 """
 import json
 
@@ -17,6 +19,7 @@ import torch
 
 import cli
 from cli import UserError
+from sources import MODEL_HELP
 
 
 def next_token_probs(model, idx, temperature=1.0, top_k=0, vocab_size=None):
@@ -74,8 +77,7 @@ def main(argv=None):
     from checkpoint import load_model
 
     p = cli.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint .pt, export folder or Hugging Face folder (any "
-                                                  "decoder-only model)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=100)

@@ -3,13 +3,14 @@
     python zeroshot.py --model out/ast_boosted/ckpt.pt                     # the seven tasks, full splits
     python zeroshot.py --model out/ast_boosted_hf --tasks arc_easy,boolq --limit 200 --out out/zs.json
 
---model is anything checkpoint.load_model reads: a checkpoint (.pt), an export folder (masks and a separately
-kept SLoRB branch restored) or a Hugging Face folder of any decoder-only model. The harness runs as a library and
-decides everything about a task (prompts, choices, gold, metrics): its own task YAMLs, `include`d by small
-local ones written at run time that point at the splits in $SPARSE_GPT2_DATA/zeroshot (see its README).
+--model is anything checkpoint.load_model reads: a checkpoint (.pt), an export folder (masks and a separately kept
+SLoRB branch restored), a Hugging Face folder of any decoder-only model, a .gguf file or a hub id. The harness runs
+as a library and decides everything about a task (prompts, choices, gold, metrics): its own task YAMLs,
+`include`d by small local ones written at run time that point at the splits in $SPARSE_GPT2_DATA/zeroshot (see
+its README).
 HarnessLM answers the harness's log-likelihood requests with the model object itself, in batches: the sparse
-weights exactly as masked, SLoRB included, nothing converted or copied. It follows the rules of the harness's
-own `hf` model (tokenisation, BOS, left truncation to the context), so its numbers are `lm_eval --model hf`'s.
+weights exactly as masked, SLoRB included, nothing converted or copied. It follows the rules of the harness's own
+`hf` model (tokenisation, BOS, left truncation to the context), so its numbers are `lm_eval --model hf`'s.
 
 Reported per task: acc, and acc_norm where the task defines it, with the harness's standard errors and the
 number of examples; the mean of acc over the tasks (the metric AST's and Wanda's tables report), and the mean
@@ -45,8 +46,9 @@ from tqdm import tqdm  # noqa: E402
 import cli  # noqa: E402
 from checkpoint import load_model, tokenizer_info  # noqa: E402
 from cli import UserError  # noqa: E402
-from data.tokenizer import _hf_tokenizer, folder_fingerprint, get_gpt2_encoding, has_hf_tokenizer  # noqa: E402
+from data.tokenizer import get_gpt2_encoding, has_tokenizer, hf_tokenizer, tokenizer_fingerprint  # noqa: E402
 from evaluate import sparsity_report  # noqa: E402
+from sources import MODEL_HELP  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -131,13 +133,13 @@ def load_tokenizer(model, tokenizer_dir=""):
     info = tokenizer_info(model)
     folder = tokenizer_dir or info["dir"]
     if folder:
-        if not has_hf_tokenizer(folder):
-            what = "--tokenizer" if tokenizer_dir else "the model's tokenizer folder"
+        if not has_tokenizer(folder):
+            what = "--tokenizer" if tokenizer_dir else "the model's tokenizer source"
             raise UserError(f"{what} {folder} is gone or holds no tokenizer (tokenizer.json, tokenizer.model or "
-                            f"vocab.json + merges.txt): pass --tokenizer FOLDER with the model's tokenizer")
-        if tokenizer_dir and info["fingerprint"] and folder_fingerprint(folder) != info["fingerprint"]:
+                            f"vocab.json + merges.txt): pass --tokenizer with the model's folder or .gguf file")
+        if tokenizer_dir and info["fingerprint"] and tokenizer_fingerprint(folder) != info["fingerprint"]:
             raise UserError(f"--tokenizer {folder} is not the tokenizer the model was trained with (other ids)")
-        tok = _hf_tokenizer(os.path.abspath(folder))
+        tok = hf_tokenizer(folder)[0]
         if tok.eos_token_id is None:
             raise UserError(f"the tokenizer in {folder} has no end-of-text (eos) token")
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -364,15 +366,14 @@ def report(z) -> str:
 
 def main(argv=None):
     p = cli.ArgumentParser(prog="zeroshot.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint .pt, export folder, or Hugging Face folder of any "
-                                                  "decoder-only model (gpt2, llama, qwen3, ...)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--limit", type=int, default=0, help="first N examples per task (0 = the full splits)")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="distinct sequences per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (log-softmax always in float32)")
-    p.add_argument("--tokenizer", default="", help="folder with the model's tokenizer (default: the one the model "
+    p.add_argument("--tokenizer", default="", help="the model's tokenizer: a folder, .gguf file or hub id (default: the one the model "
                                                    "records; GPT-2's BPE for GPT-2 models without one)")
     p.add_argument("--data_root", default="", help=f"folder holding zeroshot/ (default ${cli.DATA_ENV} or "
                                                    "../shared/data)")

@@ -48,12 +48,12 @@ def check_tokenizer(meta, model, where):
         tok = {"name": "tiktoken gpt2" if tok.startswith("tiktoken gpt2") else tok}
     vocab = tok.get("vocab_size") or meta.get("vocab_size")
     name = tok.get("name", "?")
+    model_tok = getattr(model, "tokenizer_info", None) or {}
     if vocab and vocab > model.config.vocab_size:
         raise UserError(f"{where} holds tokens of {name} ({vocab:,} ids) but the model has a vocabulary of "
                         f"{model.config.vocab_size:,}: prepare the data with the model's tokenizer "
-                        f"(--tokenizer MODEL_DIR)")
+                        f"(--tokenizer {model_tok.get('dir') or 'MODEL_DIR'})")
     data_fp = tok.get("fingerprint") or (gpt2_fingerprint() if name == "tiktoken gpt2" else None)
-    model_tok = getattr(model, "tokenizer_info", None) or {}
     model_fp = model_tok.get("fingerprint")
     if data_fp and model_fp and data_fp != model_fp:
         which = model_tok.get("dir") or "GPT-2's BPE"
@@ -89,12 +89,13 @@ def get_batch(path, offsets, block_size, device="cpu", dtype=np.uint16, vocab_si
 
 class BinDataset:
     """A prepared token file (train.bin, val.bin), uint16 or uint32 as its folder's meta.json says, checked to
-    hold at least one window. check_model(model) ties it to a model: same tokenizer, ids within its vocabulary."""
+    hold at least one window. check_model(model) ties it to a model: same tokenizer, ids within its vocabulary.
+    tokenizer_flag: the prepare script's --tokenizer for the model (data.tokenizer.prepare_flag), for the hint."""
 
-    def __init__(self, path, block_size):
+    def __init__(self, path, block_size, tokenizer_flag=""):
         if not os.path.isfile(path):
             raise UserError(f"{path} not found: run `python data/c4_dataset/prepare.py --input C4_FILES "
-                            f"--out_dir {os.path.dirname(path) or '.'}` first")
+                            f"--out_dir {os.path.dirname(path) or '.'}{tokenizer_flag}` first")
         self.meta = read_meta(os.path.dirname(path) or ".")
         self.dtype = token_dtype(self.meta)
         size, width = os.path.getsize(path), np.dtype(self.dtype).itemsize
@@ -166,16 +167,17 @@ def eval_batches(dataset, batch_size, eval_iters, seed=0, device="cpu"):
         yield dataset.get_batch(offsets, device)
 
 
-def load_wikitext_tokens(wikitext_dir, split="test"):
+def load_wikitext_tokens(wikitext_dir, split="test", tokenizer_flag=""):
     """The WikiText-2 split made by data/wikitext/prepare.py, as a 1-D int64 tensor (test: 287,644 tokens).
 
-    Perplexity evaluation cuts it into non-overlapping windows and drops the tail.
+    Perplexity evaluation cuts it into non-overlapping windows and drops the tail. tokenizer_flag: as BinDataset's.
     """
     if split not in ("test", "val"):
         raise UserError(f"WikiText split must be 'test' or 'val', got {split!r}")
     path = os.path.join(wikitext_dir, f"{split}.bin")
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found: run `python data/wikitext/prepare.py --out_dir {wikitext_dir}` first")
+        raise UserError(f"{path} not found: run `python data/wikitext/prepare.py --out_dir {wikitext_dir}"
+                        f"{tokenizer_flag}` first")
     meta = read_meta(wikitext_dir)
     tokens = np.fromfile(path, dtype=token_dtype(meta))
     if meta is not None:
@@ -197,11 +199,12 @@ def check_wikitext(wikitext_dir, tokens, model):
                         "(data/wikitext/prepare.py --tokenizer MODEL_DIR)")
 
 
-def load_calibration(path):
-    """(tokens LongTensor (nsamples, seqlen), metadata dict) from a file made by prepare_calibration_data.py."""
+def load_calibration(path, tokenizer_flag=""):
+    """(tokens LongTensor (nsamples, seqlen), metadata dict) from a file made by prepare_calibration_data.py.
+    tokenizer_flag: as BinDataset's."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: run `python prepare_calibration_data.py --input C4_FILES "
-                        f"--out {path}` first")
+                        f"--out {path}{tokenizer_flag}` first")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a zip, not a torch file, foreign pickle: all the same to the user

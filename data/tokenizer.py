@@ -17,6 +17,7 @@ import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str  # tiktoken's own gpt2 split regex
 
 from cli import UserError, default_data_root
+from sources import resolve
 
 EOT = 50256  # <|endoftext|>, appended after every document
 EOT_STR = "<|endoftext|>"
@@ -176,48 +177,93 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=None)
-def _hf_tokenizer(folder):
+def _hf_tokenizer(source):
+    """transformers' tokenizer of a sources.Source (a folder, or a .gguf file that stores its tokenizer)."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum"
+    folder = source.folder
     try:
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer_config.json", "tokenizer.json")):
+        if not source.gguf_file and not any(os.path.isfile(os.path.join(folder, f))
+                                            for f in ("tokenizer_config.json", "tokenizer.json")):
             # bare GPT-2 BPE files (vocab.json + merges.txt, e.g. the shared gpt2_tokenizer/hf): nothing tells
             # AutoTokenizer the class, and these two files only ever mean GPT-2's byte-level BPE
             return transformers.GPT2TokenizerFast.from_pretrained(folder, local_files_only=True)
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(**source.pretrained_args())
     except Exception as e:  # a broken or foreign tokenizer file: all the same to the user
-        raise UserError(f"--tokenizer {folder}: transformers cannot load its tokenizer "
+        raise UserError(f"--tokenizer {source.name}: transformers cannot load its tokenizer "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def hf_tokenizer(name_or_path, what="--tokenizer"):
+    """(transformers tokenizer, sources.Source) of a model folder, a .gguf file or a hub id (sources.resolve)."""
+    source = resolve(name_or_path, what)
+    if not source.gguf_file:
+        if not os.path.isdir(source.path):
+            raise UserError(f"{what} {name_or_path} is not a folder, a .gguf file or a hub id: pass the model "
+                            "(a folder that holds its tokenizer, its .gguf file or its hub id)")
+        if not has_hf_tokenizer(source.path):
+            raise UserError(f"{what} {name_or_path} holds no tokenizer (tokenizer.json, tokenizer.model or "
+                            "vocab.json + merges.txt): copy the model's tokenizer files there")
+    return _hf_tokenizer(source), source
 
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(tokenizer=None, tokenizer_dir=None) -> Tokenizer:
-    """tokenizer: a model folder whose own tokenizer to use (transformers' AutoTokenizer, offline); None:
-    tiktoken's gpt2 (its BPE files found as get_gpt2_encoding(tokenizer_dir) finds them)."""
+    """tokenizer: a model whose own tokenizer to use, as a folder, a .gguf file or a hub id (transformers'
+    AutoTokenizer, offline); None: tiktoken's gpt2 (its BPE files found as get_gpt2_encoding(tokenizer_dir)
+    finds them)."""
     if not tokenizer:
         enc = get_gpt2_encoding(tokenizer_dir)
         return Tokenizer("tiktoken gpt2", VOCAB_SIZE, EOT, enc.encode_ordinary, enc.encode_ordinary,
                          tokenizer_source(tokenizer_dir), enc.decode)
-    if not os.path.isdir(tokenizer):
-        raise UserError(f"--tokenizer {tokenizer} is not a folder: pass a model folder that holds its tokenizer")
-    if not has_hf_tokenizer(tokenizer):
-        raise UserError(f"--tokenizer {tokenizer} holds no tokenizer (tokenizer.json, tokenizer.model or "
-                        "vocab.json + merges.txt): copy the model's tokenizer files there")
-    tok = _hf_tokenizer(tokenizer)
+    tok, source = hf_tokenizer(tokenizer)
     if tok.eos_token_id is None:
         raise UserError(f"--tokenizer {tokenizer}: the tokenizer has no end-of-text (eos) token to separate documents")
-    name = os.path.basename(os.path.normpath(tokenizer)) + f" ({type(tok).__name__})"
+    name = os.path.basename(os.path.normpath(source.hub_id or source.path)) + f" ({type(tok).__name__})"
     return Tokenizer(name, len(tok), tok.eos_token_id,
                      lambda text: tok(text, add_special_tokens=False)["input_ids"],
-                     lambda text: tok(text)["input_ids"], os.path.abspath(tokenizer),
+                     lambda text: tok(text)["input_ids"], source.name,
                      lambda ids: tok.decode(ids))
 
 
+def has_tokenizer(name_or_path) -> bool:
+    """Does this model source (a folder, a .gguf file or a cached hub id) hold a tokenizer of its own?"""
+    try:
+        source = resolve(name_or_path)
+    except UserError:  # a hub id no longer cached
+        return False
+    return bool(source.gguf_file) or has_hf_tokenizer(source.path)
+
+
 @functools.lru_cache(maxsize=None)
-def folder_fingerprint(folder):
-    """The fingerprint of the tokenizer in a model folder, or None when it holds none."""
-    return get_tokenizer(folder).fingerprint if has_hf_tokenizer(folder) else None
+def tokenizer_fingerprint(name_or_path):
+    """The fingerprint of a model source's own tokenizer (a folder, a .gguf file or a hub id), or None when it
+    holds none."""
+    return get_tokenizer(name_or_path).fingerprint if has_tokenizer(name_or_path) else None
+
+
+def prepare_flag(model_source) -> str:
+    """The --tokenizer part of a prepare-script command that makes data for this model (what a missing-data hint
+    names): '' for GPT-2 (the scripts' default), else ' --tokenizer SOURCE' (its folder, .gguf file or hub id).
+    Read from the source without loading the model, so that a missing file is reported before that work."""
+    if not model_source or model_source == "scratch":  # main.py's pretraining from scratch is GPT-2
+        return ""
+    try:
+        source = resolve(model_source)
+    except UserError:  # a hub id that is not cached: its own error comes when the model is loaded
+        return f" --tokenizer {model_source}"
+    config = os.path.join(source.path, "config.json")
+    if not source.gguf_file and os.path.isfile(config):
+        try:
+            with open(config) as f:
+                if json.load(f).get("model_type") == "gpt2":
+                    return ""
+        except ValueError:
+            pass
+    elif not source.gguf_file:  # a checkpoint: which tokenizer it records is not read here
+        return " --tokenizer MODEL (the model's folder, .gguf file or hub id; none for GPT-2)"
+    return f" --tokenizer {model_source}"
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,15 +4,15 @@
         --input ../shared/data/c4/en/c4-train.00000-of-01024.head1000.json.gz \
         --val_files ../shared/data/c4/en/c4-validation.00000-of-00008.head1000.json.gz
 
-Reads allenai/c4 `*.json.gz`, plain `*.jsonl` (optionally gzipped) and RedPajama's C4 `.jsonl` (the extra
-`meta` field is ignored): one JSON object with a "text" field per line. The validation split is either
-whole files (--val_files) or a seeded document-level split (--val_fraction). The output does not depend on
---num_proc. The tokenizer is tiktoken's GPT-2 `encode_ordinary` with EOT (50256), or with --tokenizer MODEL_DIR
-that model's own (transformers' AutoTokenizer, offline; no special tokens inside a document, its eos token
-after each). Ids are uint16 when the vocabulary fits (<= 65,536), else uint32. meta.json records the dtype,
-the tokenizer (name, vocabulary size, fingerprint), counts, sources with sha256 and the date; the loader reads
-the dtype from it and refuses a model of another tokenizer. With --download N it first fetches the first N
-allenai/c4 `en` train shards and one validation shard (needs network).
+Reads allenai/c4 `*.json.gz`, plain `*.jsonl` (optionally gzipped) and RedPajama's C4 `.jsonl` (the extra `meta`
+field is ignored): one JSON object with a "text" field per line. The validation split is either whole files
+(--val_files) or a seeded document-level split (--val_fraction). The output does not depend on --num_proc. The
+tokenizer is tiktoken's GPT-2 `encode_ordinary` with EOT (50256), or with --tokenizer MODEL (a folder, a .gguf file
+or a hub id) that model's own (transformers' AutoTokenizer, offline; no special tokens inside a document, its eos
+token after each). Ids are uint16 when the vocabulary fits (<= 65,536), else uint32. meta.json records the dtype,
+the tokenizer (name, vocabulary size, fingerprint), counts, sources with sha256 and the date; the loader reads the
+dtype from it and refuses a model of another tokenizer. With --download N it first fetches the first N allenai/c4
+`en` train shards and one validation shard (needs network).
 """
 import glob
 import gzip
@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 import cli  # noqa: E402
 from cli import UserError, temp_name  # noqa: E402
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
+from sources import TOKENIZER_HELP  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json")
@@ -243,8 +244,7 @@ def parse_args(argv=None):
     p.add_argument("--max_docs", type=int, default=None, help="read at most this many documents per input group")
     p.add_argument("--max_tokens", type=int, default=None,
                    help="stop an input group after the document that reaches this many tokens")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
-                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL", help=TOKENIZER_HELP)
     p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--download", type=int, default=None, metavar="N",
                    help="first fetch N allenai/c4 en train shards + 1 validation shard into OUT_DIR/raw (network)")

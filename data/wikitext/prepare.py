@@ -2,13 +2,13 @@
 
     python data/wikitext/prepare.py --input ../shared/data/wikitext2
 
-The paper's protocol: the split's Hugging Face rows joined with "\\n\\n", tokenised with GPT-2
-`encode_ordinary` (no EOT); the test split gives 287,644 tokens. With --tokenizer MODEL_DIR, Wanda's and
-SparseGPT's protocol for other models: that model's tokenizer on the same joined text, with the special tokens
-the tokenizer itself adds (OPT and LLaMA: one BOS at the very start of the stream, so only the first window
-begins with it); uint32 ids when the vocabulary exceeds 65,536. Reads `wiki.test.raw` / `wiki.valid.raw`,
-`test.jsonl` / `validation.jsonl` (one {"text": ...} row per line) or Hugging Face parquet files (needs
-pyarrow or pandas). With --download it fetches the wikitext-2-raw-v1 parquet files first (needs network).
+The paper's protocol: the split's Hugging Face rows joined with "\\n\\n", tokenised with GPT-2 `encode_ordinary`
+(no EOT); the test split gives 287,644 tokens. With --tokenizer MODEL (a folder, a .gguf file or a hub id), Wanda's
+and SparseGPT's protocol for other models: that model's tokenizer on the same joined text, with the special tokens
+the tokenizer itself adds (OPT and LLaMA: one BOS at the very start of the stream, so only the first window begins
+with it); uint32 ids when the vocabulary exceeds 65,536. Reads `wiki.test.raw` / `wiki.valid.raw`, `test.jsonl` /
+`validation.jsonl` (one {"text": ...} row per line) or Hugging Face parquet files (needs pyarrow or pandas). With
+--download it fetches the wikitext-2-raw-v1 parquet files first (needs network).
 """
 import glob
 import importlib.util
@@ -26,6 +26,7 @@ import cli  # noqa: E402
 from cli import UserError  # noqa: E402
 from data.c4_dataset.prepare import download, now_utc, refuse_existing, sha256_file, temp_name  # noqa: E402
 from data.tokenizer import TOKENIZER_DIR_HELP, get_tokenizer  # noqa: E402
+from sources import TOKENIZER_HELP  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Per output split, the file names to look for in an --input folder, in order of preference.
@@ -122,8 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--input", action="extend", nargs="+", default=None,
                    help="WikiText-2 folder or split files (default: the shared data folder's wikitext2)")
     p.add_argument("--out_dir", default=HERE, help="where test.bin, val.bin and meta.json go")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL_DIR",
-                   help="tokenise with this model folder's own tokenizer (OPT, LLaMA, ...; default: tiktoken gpt2)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL", help=TOKENIZER_HELP)
     p.add_argument("--tokenizer_dir", default=None, help="tiktoken gpt2 only: " + TOKENIZER_DIR_HELP)
     p.add_argument("--download", action="store_true",
                    help="fetch the wikitext-2-raw-v1 parquet files into OUT_DIR/raw first (network, pyarrow)")
