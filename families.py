@@ -324,6 +324,11 @@ def save_pretrained(model, out, state_dict):
     ours: GPT2LMHeadModel for GPT-2 (Conv1D layout), the original *ForCausalLM class otherwise."""
     if isinstance(model, HFCausalLM):
         sd = {hf_name(model, k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        if model.hf.config.get_text_config().tie_word_embeddings:  # the head is the embedding: stored once
+            head_module = model.hf.get_output_embeddings()
+            head = next(n for n, m in model.hf.named_modules(remove_duplicate=False) if m is head_module) + ".weight"
+            if head in sd and torch.equal(sd[head], model.hf.get_input_embeddings().weight.detach().to("cpu")):
+                del sd[head]
         _quiet_transformers()
         model.hf.save_pretrained(out, state_dict=sd, safe_serialization=True)
         return

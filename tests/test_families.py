@@ -252,7 +252,7 @@ def test_a_sparse_export_or_checkpoint_is_kept_exactly_and_contradicting_flags_s
     base = ["--config", "cpu_tiny", "--data_dir", tiny_data["data_dir"], "--wikitext_dir", tiny_data["wikitext_dir"],
             "--eval_only", "True", "--ppl_windows", "2"]
     tokens = load_wikitext_tokens(tiny_data["wikitext_dir"])
-    want = wikitext_perplexity(model.eval(), tokens, 32, 2)
+    want = wikitext_perplexity(model.eval(), tokens, model.config.block_size, 2)  # main.py: the context
     for how in (["--student_model", str(tmp_path / "exp")], ["--init_from", str(tmp_path / "ckpt.pt")]):
         res = main_mod.main(base + how + ["--out_dir", str(tmp_path / how[0][2:])])
         assert res["pattern"] == "4:8" and res["slorb_k"] == 16 and res["config"]["N"] == 4  # the config follows

@@ -164,3 +164,22 @@ def test_the_log_shows_the_flip_ratio_only_after_masks_were_recomputed(tiny_mode
     for line in lines[2::3]:  # the printed figure is that recompute's
         it = int(line.split(":")[0].split()[1])
         assert f", flip {flips[it]:.4f}," in line
+
+
+def test_an_export_of_a_model_with_a_tied_head_stores_the_embedding_once(tmp_path):
+    import transformers
+    from safetensors import safe_open
+
+    import families
+    from conftest import save_tiny_family
+
+    hf = save_tiny_family(str(tmp_path / "tied"), "llama", tie_word_embeddings=True)
+    model = load_model(str(tmp_path / "tied"))
+    families.save_pretrained(model, str(tmp_path / "out"), model.state_dict())
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    idx = torch.randint(0, 1000, (1, 8))
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(again(idx).logits, hf(idx).logits)
