@@ -16,3 +16,10 @@ log_interval = 1
 mask_update_interval = 2
 progress = False
 num_threads = 1
+# The tests exercise mask updates and KL-only distillation (their tiny teachers may differ from the student in
+# depth or width); main.py's defaults (the published ones) have neither. The SR-STE ramp fits the short run.
+change_mask = True
+increase_step = 4
+hardness_task = 0.33
+hardness_kldiv = 0.67
+hardness_squarehead = 0.0

@@ -182,7 +182,8 @@ def test_foreach_srste_adamw_matches_the_per_tensor_reference(variant, lam):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         opt = SRSTEAdamW(groups, lr=1e-2, variant=variant, masked_modules=[l for _, l in sparse_layers(model)])
         models.append((model, opt))
-    models[0][1].FOREACH_ELEMENTS = 100  # several tensors per batch where the device allows it
+    # the multi-tensor path GPUs run: batches of several tensors of at most 100 elements (one larger tensor alone)
+    models[0][1].FOREACH_ELEMENTS = models[0][1].CPU_FOREACH_ELEMENTS = 100
     for step in range(6):
         x = torch.randn(8, 16)
         for i, (model, opt) in enumerate(models):
@@ -195,6 +196,10 @@ def test_foreach_srste_adamw_matches_the_per_tensor_reference(variant, lam):
                 update_masks(model)  # the decay follows the masks as they change
     for a, b in zip(models[0][0].parameters(), models[1][0].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    trained = [p for p in models[0][0].parameters() if p.requires_grad]
+    batches = [[p.numel() for p in batch] for batch in models[0][1]._batches(trained)]
+    assert sorted(n for batch in batches for n in batch) == sorted(p.numel() for p in trained)
+    assert max(len(b) for b in batches) > 1 and all(len(b) == 1 or sum(b) <= 100 for b in batches), batches
 
 
 @pytest.mark.parametrize("trainable", [False, True])
