@@ -121,8 +121,10 @@ def train_config(preset: Preset, variant: Variant):
     """The main.py configuration this variant corresponds to (learning rate, betas, clip, hardness, ...)."""
     from config import TrainConfig
     tokens = preset.batch_size * preset.block_size
+    # without SR-STE, torch's AdamW (--optimizer adamw); the distillation weights of the paper's AST command
     return TrainConfig(mode="sparse_forward" if variant.sparse else "dense", mask_metric="magnitude",
-                       srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast",
+                       srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast" if variant.srste else "adamw",
+                       hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=0.0,
                        SLoRB=variant.slorb != "none", SLoRB_k=16, SLoRB_init_type="mean",
                        trainable_projection=variant.slorb == "trainable", distill_model=variant.distill,
                        distill_chunk_size=max(tokens // variant.distill_chunks, 1) if variant.distill_chunks else 0,

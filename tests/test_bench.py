@@ -69,6 +69,23 @@ def test_every_step_variant_is_a_ratio_to_the_dense_step_with_its_target(tiny_ru
         assert row["met"] in (("yes", "NO") if target is not None else ("",))
 
 
+def test_figures_that_do_not_depend_on_the_machine_are_the_hand_computed_ones(tiny_run):
+    """The tiny preset (2 blocks of width 64, one timed round): the weights the mask recompute covers are the
+    block linears' 12 d^2 per block, and each ratio is the arithmetic of the seconds the same row records."""
+    results = tiny_run[0]
+    d, blocks = 64, 2
+    for row in results["mask_recompute"]:
+        assert row["weights"] == blocks * (3 * d * d + d * d + 4 * d * d + 4 * d * d) == 98_304
+    for row in results["mask_recompute"][1:]:
+        assert row["amortised_every_10_steps"] == round(row["ratio_vs_step"] / 10, 4)
+    # one round: every ratio is that round's seconds over the dense step's (both rounded to 4 places in the row)
+    dense = next(r for r in results["train_step"] if r["variant"] == "dense")["median_s"]
+    for row in results["train_step"]:
+        assert row["ratio_min"] == row["ratio"] == row["ratio_max"]
+        rounding = 5e-5 / dense * (1 + row["median_s"] / dense) + 5e-4
+        assert row["ratio"] == pytest.approx(row["median_s"] / dense, abs=rounding), row
+
+
 def test_mask_recompute_is_a_ratio_to_a_training_step_for_both_metrics(tiny_run):
     rows = tiny_run[0]["mask_recompute"]
     assert [r["what"] for r in rows] == ["training step (masks variant)", "update_masks, magnitude",
