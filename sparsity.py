@@ -6,9 +6,9 @@ hands the gradient of W ⊙ M to all of W (straight-through); masks are recomput
 
 Sharded (FSDP2, parallelize.py): W is a DTensor of whole rows and `mask` holds the rows of this rank's shard
 only. N:M groups and the per-row unstructured masks lie along a row, so scores, masks and the SR-STE decay are
-computed on the local shard with no communication (`local()` below); a per-layer mask (unstructured_layer) gathers
-the layer's scores to choose (SparseLinear.layer_mask); the forward, where FSDP has gathered the full W, needs the full mask,
-which parallelize.py gathers into `gathered_mask` for the duration of the block's forward.
+computed on the local shard with no communication (`local()` below); a per-layer mask (unstructured_layer)
+gathers the layer's scores to choose (SparseLinear.layer_mask). The forward, where FSDP has gathered the full W,
+needs the full mask, which parallelize.py gathers into `gathered_mask` for the duration of the block's forward.
 """
 import contextlib
 import math

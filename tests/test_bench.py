@@ -66,7 +66,10 @@ def test_every_step_variant_is_a_ratio_to_the_dense_step_with_its_target(tiny_ru
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
         target = bench.STEP_VARIANTS[name].target
         assert row["target"] == (target if target is not None else "")
-        assert row["met"] in (("yes", "NO") if target is not None else ("",))
+        # a verdict holds for the whole min–max range over rounds, else the run does not decide it
+        expected = "" if target is None else "yes" if row["ratio_max"] <= target else \
+            "NO" if row["ratio_min"] > target else "undecided"
+        assert row["met"] == expected, row
 
 
 def test_figures_that_do_not_depend_on_the_machine_are_the_hand_computed_ones(tiny_run):
@@ -137,6 +140,13 @@ def test_interleaved_runs_every_variant_each_round_alternating_and_drops_warmup(
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     r = bench.paired_ratio([2.0, 3.0, 10.0], [1.0, 2.0, 4.0])
     assert r == {"ratio": 2.0, "ratio_min": 1.5, "ratio_max": 2.5}
+
+
+def test_a_target_is_met_or_missed_only_by_the_whole_range_of_rounds():
+    assert bench.verdict(0.95, 1.02, 1.03) == "yes"
+    assert bench.verdict(0.90, 1.19, 1.10) == "undecided"  # the median may be below; some rounds are above
+    assert bench.verdict(1.05, 1.20, 1.03) == "NO"
+    assert bench.verdict(0.9, 1.2, None) == ""
 
 
 # ---------------------------------------------------------------------------------------------- optimisations
