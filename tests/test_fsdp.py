@@ -92,6 +92,11 @@ def test_fsdp_on_two_ranks_trains_like_one_process_and_exports_the_same_folder(f
         res = export.main(["--checkpoint", str(path), "--out", str(tmp_path / f"hf_{name}")])
         assert res["verify"]["ok"] and res["verify"]["nm_violations"] == 0
     assert_same_model(load_model(str(tmp_path / "hf_one")), load_model(str(tmp_path / "hf_two")))
+    # by content: 2 of every 4 largest |W| of the sharded run's final weights, and exactly those exported non-zero
+    exported = dict(sparse_layers(load_model(str(tmp_path / "hf_two"))))
+    for name, layer in sparse_layers(b):
+        assert torch.equal(layer.mask, expected_mask(layer.weight.detach(), "structured")), name
+        assert torch.equal(exported[name].weight.detach() != 0, layer.mask), name
 
 
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_result(pair, tiny_data, tmp_path):
@@ -131,14 +136,14 @@ def expected_mask(weight, mask_type):
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True).reshape(weight.shape)
 
 
-@pytest.mark.parametrize("mask_type,port", [("structured", 29661), ("unstructured", 29671),
-                                            ("unstructured_layer", 29681)])
-def test_every_mask_type_under_fsdp_gives_the_single_process_masks(mask_type, port, tiny_data, tiny_models,
-                                                                    tmp_path):
-    """Masks recomputed on 2 ranks (each holding half the rows) by content: on the FSDP run's own final weights
-    they are the type's choice over whole rows and layers (the last recompute comes after the last step), its
-    export keeps exactly those weights non-zero, and they are the one-process run's masks up to near-ties (2 ranks
-    sum gradients in another order, so the weights agree to about 1e-5, and a near-tie may fall either way)."""
+@pytest.mark.parametrize("mask_type,port", [("unstructured", 29671), ("unstructured_layer", 29681)])
+def test_unstructured_masks_under_fsdp_give_the_single_process_masks(mask_type, port, tiny_data, tiny_models,
+                                                                     tmp_path):
+    """Per-row and per-layer masks recomputed on 2 ranks, each holding half the rows (N:M masks: the first test of
+    this file), by content: on the FSDP run's own final weights they are the type's choice over whole rows and
+    layers (the last recompute comes after the last step), its export keeps exactly those weights non-zero, and
+    they are the one-process run's masks up to near-ties (2 ranks sum gradients in another order, so the weights
+    agree to about 1e-5, and a near-tie may fall either way)."""
     args = ["--config", "cpu_tiny", "--student_model", tiny_models["student"], "--data_dir", tiny_data["data_dir"],
             "--wikitext_dir", "", "--eval_iters", "1", "--mask_type", mask_type, "--mask_update_interval", "2",
             "--max_iters", "4", "--lr_decay_iters", "4", "--learning_rate", "3e-2", "--eval_interval", "100"]
