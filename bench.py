@@ -121,8 +121,10 @@ def train_config(preset: Preset, variant: Variant):
     """The main.py configuration this variant corresponds to (learning rate, betas, clip, hardness, ...)."""
     from config import TrainConfig
     tokens = preset.batch_size * preset.block_size
+    # without SR-STE, torch's AdamW (--optimizer adamw); the distillation weights of the paper's AST command
     return TrainConfig(mode="sparse_forward" if variant.sparse else "dense", mask_metric="magnitude",
-                       srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast",
+                       srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast" if variant.srste else "adamw",
+                       hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=0.0,
                        SLoRB=variant.slorb != "none", SLoRB_k=16, SLoRB_init_type="mean",
                        trainable_projection=variant.slorb == "trainable", distill_model=variant.distill,
                        distill_chunk_size=max(tokens // variant.distill_chunks, 1) if variant.distill_chunks else 0,
@@ -271,10 +273,14 @@ def paired_ratio(seconds, baseline, prefix="ratio"):
             f"{prefix}_max": round(max(ratios), 3)}
 
 
-def verdict(value, target):
+def verdict(low, high, target):
+    """Met only when every round's ratio is at or below the target (its min–max over rounds: low, high), not met
+    when every round's is above; otherwise the rounds disagree and the run does not decide it."""
     if target is None:
         return ""
-    return "yes" if value <= target else "NO"
+    if high <= target:
+        return "yes"
+    return "NO" if low > target else "undecided"
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -287,7 +293,8 @@ def _train_step_rows(args, dtype):
         v = STEP_VARIANTS[name]
         row = dict(variant=name, what=v.label, dtype=dtype, **time_stats(times[name]),
                    **paired_ratio(times[name], times["dense"]))
-        row.update(target=v.target if v.target is not None else "", met=verdict(row["ratio"], v.target))
+        row.update(target=v.target if v.target is not None else "",
+                   met=verdict(row["ratio_min"], row["ratio_max"], v.target))
         rows.append(row)
     return rows
 
@@ -416,7 +423,8 @@ def mask_recompute(args):
     for metric in ("magnitude", "wanda"):
         r = paired_ratio(times[metric], times["step"], "ratio_vs_step")
         rows.append(dict(what=f"update_masks, {metric}", layers=len(layers), weights=weights,
-                         **time_stats(times[metric]), **r, target=0.05, met=verdict(r["ratio_vs_step"], 0.05),
+                         **time_stats(times[metric]), **r, target=0.05,
+                         met=verdict(r["ratio_vs_step_min"], r["ratio_vs_step_max"], 0.05),
                          amortised_every_10_steps=round(r["ratio_vs_step"] / 10, 4)))
     return rows
 

@@ -61,15 +61,19 @@ class TrainConfig:
     N: int = opt(2, "keep N of every M consecutive input weights")
     M: int = opt(4, "group size of the N:M pattern")
     sparsity: float = opt(0.5, "target sparsity of the unstructured mask types")
-    change_mask: bool = opt(True, "recompute masks from the current weights every mask_update_interval steps")
+    change_mask: bool = opt(False, "recompute masks from the current weights every mask_update_interval steps "
+                                   "(False: the initial mask stays, naive retraining)")
     mask_update_interval: int = opt(10, "optimizer steps between mask recomputes (alias: output_flip_every)")
-    srste_decay: float = opt(0.0, "SR-STE strength lambda on the pruned weights (published: 1e-4); 0 = off")
-    increase_step: int = opt(0, "lambda ramps linearly from 0 to srste_decay over this many steps; 0 = constant")
-    optimizer: str = opt("ast", "where the SR-STE decay enters: ast = the paper's AdamW variant (u = m + d, "
-                                "second moment from u^2); classic = added to the gradient, standard AdamW",
-                         ("ast", "classic"))
+    srste_decay: float = opt(6e-5, "SR-STE strength lambda on the pruned weights (the paper's AST command: 1e-4); "
+                                   "0 = no decay term, same optimizer")
+    increase_step: int = opt(10000, "lambda ramps linearly from 0 to srste_decay over this many steps; "
+                                    "0 = constant")
+    optimizer: str = opt("ast", "ast = the paper's AdamW variant for every run (u = m_hat + d, second moment from "
+                                "u^2; with lambda 0 still this one, as published); classic = SR-STE's d added to "
+                                "the gradient, then standard AdamW; adamw = torch's AdamW, no SR-STE term",
+                         ("ast", "classic", "adamw"))
     SLoRB: bool = opt(False, "add the SLoRB low-rank residual to every sparse layer")
-    SLoRB_k: int = opt(16, "SLoRB group size k (S has in/k columns)")
+    SLoRB_k: int = opt(64, "SLoRB group size k (S has in/k columns; the paper's AST command: 16)")
     SLoRB_init_type: str = opt("mean", "SLoRB initialisation", ("mean", "sum", "xavier", "zero"))
     trainable_projection: bool = opt(False, "train SLoRB's projection X too (else a fixed reshape-and-sum)")
     prune_schedule: str = opt("none", "baselines: gradual = GMP (cubic ramp to N:M over prune_start..prune_end); "
@@ -80,27 +84,32 @@ class TrainConfig:
     prune_rounds: int = opt(4, "IMP: number of prune-then-train rounds")
     # --- distillation
     distill_model: bool = opt(False, "distil from --teacher_model (CE + KL + SquareHead)")
-    hardness_task: float = opt(0.33, "weight of the student's own cross-entropy")
-    hardness_kldiv: float = opt(0.67, "weight of KL(teacher || student) on temperature-softened logits")
-    hardness_squarehead: float = opt(0.0, "weight of the SquareHead loss on block outputs (same depth and width)")
+    hardness_task: float = opt(1.0, "weight of the student's own cross-entropy (the paper's AST command: 0.33)")
+    hardness_kldiv: float = opt(1.0, "weight of KL(teacher || student) on temperature-softened logits (the paper's "
+                                     "AST command: 0.67)")
+    hardness_squarehead: float = opt(1.0, "weight of the SquareHead loss on block outputs (needs a teacher of the "
+                                          "same depth and width; the paper's AST command: 0)")
     distill_temperature: float = opt(2.0, "KL temperature tau (the loss is multiplied by tau^2)")
     distill_chunk_size: int = opt(0, "tokens per chunk of the distillation loss, bounding logits memory "
                                      "(0 = auto: on CPU 64 up to width 128, else 256; 2048 on GPUs)")
     teacher_dtype: str = opt("auto", "teacher weights dtype: auto = bfloat16 on GPU, float32 on CPU",
                              ("auto", "float32", "bfloat16", "float16"))
     # --- optimisation
-    learning_rate: float = opt(2e-4, "peak learning rate")
-    min_lr: float = opt(2e-5, "learning rate at lr_decay_iters")
-    warmup_iters: int = opt(2000, "linear warmup steps")
-    lr_decay_iters: int = opt(38000, "end of the cosine decay")
-    max_iters: int = opt(40000, "optimizer steps")
+    learning_rate: float = opt(1e-4, "peak learning rate")
+    min_lr: float = opt(1e-5, "learning rate at lr_decay_iters")
+    warmup_iters: int = opt(1000, "linear warmup steps")
+    lr_warmup: str = opt("from_zero", "warm-up shape: from_zero = lr * it / warmup_iters, 0 at step 0 (published); "
+                                      "nanogpt = lr * (it + 1) / (warmup_iters + 1) (newer nanoGPT)",
+                         ("from_zero", "nanogpt"))
+    lr_decay_iters: int = opt(20000, "end of the cosine decay")
+    max_iters: int = opt(20000, "optimizer steps")
     lr_tail: str = opt("linear", "after lr_decay_iters: linear to 0 at max_iters (published) or hold min_lr",
                        ("linear", "hold"))
     weight_decay: float = opt(0.1, "decoupled weight decay on 2-D parameters")
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.95, "Adam beta2")
     grad_clip: float = opt(1.0, "clip the global gradient norm (0 = off)")
-    batch_size: int = opt(8, "micro-batch size per rank, in sequences")
+    batch_size: int = opt(1, "micro-batch size per rank, in sequences")
     global_batch_size: int = opt(128, "sequences per optimizer step over all ranks and micro-steps")
     block_size: int = opt(1024, "sequence length (at most the model's context)")
     gradient_checkpointing: bool = opt(False, "recompute each block in the backward pass to save memory")
@@ -117,8 +126,8 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the student (no gain on CPU)")
     num_threads: int = opt(0, "torch CPU threads per process (0 = torch's default)")
     # --- evaluation and logging
-    eval_interval: int = opt(2000, "steps between evaluations (and checkpoints)")
-    eval_iters: int = opt(100, "C4 validation set: eval_iters x 8 fixed windows, whatever --batch_size")
+    eval_interval: int = opt(200, "steps between evaluations (and checkpoints)")
+    eval_iters: int = opt(20, "C4 validation set: eval_iters x 8 fixed windows, whatever --batch_size")
     eval_block_size: int = opt(0, "WikiText-2 window and C4 validation sequence length (0 = the model's context, "
                                   "at most 4096, as evaluate.py and prune.py: comparable figures whatever "
                                   "--block_size trains on)")
@@ -305,15 +314,18 @@ def config_warnings(cfg: TrainConfig) -> list:
     if cfg.warmup_iters >= cfg.max_iters:
         out.append(f"--warmup_iters {cfg.warmup_iters} >= --max_iters {cfg.max_iters}: the whole run is warm-up and "
                    f"the learning rate never reaches --learning_rate {cfg.learning_rate:g} (the defaults are for a "
-                   f"40,000-step run); set --warmup_iters and --lr_decay_iters for a run this long")
+                   f"20,000-step run); set --warmup_iters and --lr_decay_iters for a run this long")
     elif cfg.lr_decay_iters > cfg.max_iters:
         out.append(f"--lr_decay_iters {cfg.lr_decay_iters} > --max_iters {cfg.max_iters}: the run ends before the "
                    f"cosine decay does (fine if you will resume it with a larger --max_iters)")
     if cfg.mode == "sparse_forward" and cfg.srste_decay > 0 and cfg.increase_step > cfg.max_iters:
         out.append(f"--increase_step {cfg.increase_step} > --max_iters {cfg.max_iters}: the SR-STE decay never "
                    f"reaches --srste_decay {cfg.srste_decay:g}")
-    if cfg.mode == "dense" and (cfg.srste_decay > 0 or cfg.SLoRB or cfg.prune_schedule != "none"):
-        out.append("--mode dense trains the plain model: --srste_decay, --SLoRB and --prune_schedule do nothing")
+    if cfg.mode == "sparse_forward" and cfg.optimizer == "adamw" and cfg.srste_decay > 0:
+        out.append(f"--optimizer adamw has no SR-STE term: --srste_decay {cfg.srste_decay:g} does nothing (use "
+                   f"--optimizer ast or classic for SR-STE, or --srste_decay 0 to silence this)")
+    if cfg.mode == "dense" and (cfg.SLoRB or cfg.prune_schedule != "none"):
+        out.append("--mode dense trains the plain model: --SLoRB and --prune_schedule do nothing")
     return out
 
 

@@ -55,9 +55,12 @@ class EvaluationDropped(Exception):
 
 # ------------------------------------------------------------------------------------------------ set-up
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, cosine to min_lr at lr_decay_iters, then linear to 0 at max_iters (or hold min_lr)."""
+    """Linear warmup (from 0 at step 0, as published), cosine to min_lr at lr_decay_iters, then linear to 0 at
+    max_iters (or hold min_lr)."""
     if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+        if cfg.lr_warmup == "nanogpt":  # newer nanoGPT: never 0, so step 0 trains too
+            return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+        return cfg.learning_rate * it / cfg.warmup_iters
     if it <= cfg.lr_decay_iters:
         span = max(cfg.lr_decay_iters - cfg.warmup_iters, 1)
         ratio = (it - cfg.warmup_iters) / span
@@ -145,17 +148,18 @@ def build_student(cfg: TrainConfig, explicit, rt: Runtime, train: BinDataset):
 
 
 def configure_optimizer(model, cfg: TrainConfig, rt: Runtime):
-    """AdamW; with SR-STE on, SRSTEAdamW (the paper's variant or the classic one). Decay on 2-D params only."""
+    """The optimizer --optimizer names, whatever --srste_decay is (λ = 0 runs the same optimizer without the decay
+    term, so "with and without SR-STE" compares the decay alone): ast / classic = SRSTEAdamW's paper or classic
+    variant, adamw = torch's AdamW. Weight decay on 2-D params only."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     betas = (cfg.beta1, cfg.beta2)
-    if cfg.mode == "sparse_forward" and cfg.srste_decay > 0:
-        layers = [layer for _, layer in sparse_layers(model)]
-        variant = "paper" if cfg.optimizer == "ast" else "classic"
-        return SRSTEAdamW(groups, lr=cfg.learning_rate, betas=betas, variant=variant, masked_modules=layers)
-    fused = rt.device_type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=rt.device_type == "cuda")
+    layers = [layer for _, layer in sparse_layers(model)]
+    variant = "paper" if cfg.optimizer == "ast" else "classic"
+    return SRSTEAdamW(groups, lr=cfg.learning_rate, betas=betas, variant=variant, masked_modules=layers)
 
 
 @torch.no_grad()

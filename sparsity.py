@@ -7,9 +7,10 @@ gradient of W ⊙ M to all of W (straight-through); masks are recomputed from sc
 run along the last (input) dimension.
 
 Sharded (FSDP2, parallelize.py): W is a DTensor of whole rows and `mask` holds the rows of this rank's shard
-only. N:M groups lie along a row, so scores, masks and the SR-STE decay are computed on the local shard with no
-communication (`local()` below); only the forward, where FSDP has gathered the full W, needs the full mask,
-which parallelize.py gathers into `gathered_mask` for the duration of the block's forward.
+only. N:M groups and the per-row unstructured masks lie along a row, so scores, masks and the SR-STE decay are
+computed on the local shard with no communication (`local()` below); a per-layer mask (unstructured_layer)
+gathers the layer's scores to choose (SparseLinear.layer_mask). The forward, where FSDP has gathered the full W,
+needs the full mask, which parallelize.py gathers into `gathered_mask` for the duration of the block's forward.
 """
 import contextlib
 import functools
@@ -228,7 +229,22 @@ class MaskedLayer:
         s = self.scores()
         if self.mask_type == "structured":
             return nm_mask(s, self.n, self.m, self.ties)
-        return unstructured_mask(s, self.sparsity, "row" if self.mask_type == "unstructured" else "layer")
+        if self.mask_type == "unstructured":
+            return unstructured_mask(s, self.sparsity, "row")
+        return self.layer_mask(s)
+
+    def layer_mask(self, scores):
+        """unstructured_layer: the top (1 - sparsity) of the whole layer. Sharded (FSDP2), this rank holds some
+        rows only, and a choice from them would differ from one process's: the layer's scores are gathered, the
+        whole layer's mask chosen as one process would, and this rank keeps its rows of it."""
+        w = self.weight
+        if not hasattr(w, "full_tensor"):
+            return unstructured_mask(scores, self.sparsity, "layer")
+        from torch.distributed.tensor import DTensor, Replicate
+        mesh, rows = w.device_mesh, w.placements
+        whole = DTensor.from_local(scores, mesh, rows, shape=w.shape, stride=w.stride()).full_tensor()
+        mask = unstructured_mask(whole, self.sparsity, "layer")
+        return DTensor.from_local(mask, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, rows).to_local()
 
     @torch.no_grad()
     def init_mask_and_slorb(self):
@@ -652,7 +668,8 @@ class SRSTEAdamW(torch.optim.Optimizer):
     at once (a batch of fresh multi-megabyte temporaries costs more in page faults than it saves).
     """
 
-    FOREACH_ELEMENTS = 2 ** 25  # GPUs
+    FOREACH_ELEMENTS = 2 ** 25  # GPUs: elements per multi-tensor batch
+    CPU_FOREACH_ELEMENTS = 0  # CPU: one tensor per batch (a test raises it to run the GPUs' batching on a CPU)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, variant="paper",
                  masked_modules=()):
@@ -685,12 +702,13 @@ class SRSTEAdamW(torch.optim.Optimizer):
 
     def _batches(self, params):
         """Lists of tensors on one device at the same step (so with the same bias corrections), each of at most
-        FOREACH_ELEMENTS elements on GPUs (a larger tensor is a batch of its own), of one tensor on CPU."""
+        FOREACH_ELEMENTS elements on GPUs (a larger tensor is a batch of its own), of CPU_FOREACH_ELEMENTS (one
+        tensor) on CPU."""
         by_step = {}
         for p in params:
             by_step.setdefault((self.state[p]["step"], p.device), []).append(p)
         for (_, device), batch_params in by_step.items():
-            limit = self.FOREACH_ELEMENTS if device.type == "cuda" else 0
+            limit = self.FOREACH_ELEMENTS if device.type == "cuda" else self.CPU_FOREACH_ELEMENTS
             batch, size = [], 0
             for p in batch_params:
                 if batch and size + p.numel() > limit:

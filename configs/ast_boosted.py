@@ -1,5 +1,6 @@
-# AST-Boosted, the second upstream command: annealed SR-STE, SLoRB k=16 (mean init, trainable projection),
-# distillation from the dense teacher (CE 0.33 + KL 0.67), gradient checkpointing.
+# AST-Boosted: the second command of the paper's README (thu-ml/Adaptive-Sparse-Trainer, "To reproduce our
+# methods run"), as a config file: annealed SR-STE, SLoRB k=16 (mean init, trainable projection), distillation from
+# the dense teacher (CE 0.33 + KL 0.67), gradient checkpointing.
 #   torchrun --nproc_per_node=2 main.py --config ast_boosted
 srste_decay = 1e-4
 learning_rate = 2e-4

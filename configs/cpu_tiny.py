@@ -16,3 +16,12 @@ log_interval = 1
 mask_update_interval = 2
 progress = False
 num_threads = 1
+# The tests exercise mask updates and KL-only distillation (their tiny teachers may differ from the student in
+# depth or width); main.py's defaults (the published ones) have neither. The SR-STE ramp fits the short run, and
+# SLoRB's k is the paper's AST command's (the published default 64 does not divide the tiny models' widths).
+change_mask = True
+increase_step = 4
+SLoRB_k = 16
+hardness_task = 0.33
+hardness_kldiv = 0.67
+hardness_squarehead = 0.0

@@ -4,12 +4,29 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 torch.set_num_threads(1)
 
 from cli import default_data_root  # noqa: E402
+
+
+class GemmInputDtypes(TorchDispatchMode):
+    """Records the dtypes of the two matrices of every GEMM that reaches the dispatcher: aten.mm and aten.bmm (a, b),
+    aten.addmm (c, a, b), and aten.mm.dtype (a, b, out_dtype), the loss's bf16 GEMM with an fp32 result on CUDA,
+    whose last argument is a dtype, not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            matrices = [a for a in args if isinstance(a, torch.Tensor)][-2:]
+            self.seen.append((str(func), *(t.dtype for t in matrices)))  # e.g. ('aten.mm.dtype', bf16, bf16)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="session")

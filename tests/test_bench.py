@@ -66,7 +66,27 @@ def test_every_step_variant_is_a_ratio_to_the_dense_step_with_its_target(tiny_ru
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
         target = bench.STEP_VARIANTS[name].target
         assert row["target"] == (target if target is not None else "")
-        assert row["met"] in (("yes", "NO") if target is not None else ("",))
+        # a verdict holds for the whole min–max range over rounds, else the run does not decide it
+        expected = "" if target is None else "yes" if row["ratio_max"] <= target else \
+            "NO" if row["ratio_min"] > target else "undecided"
+        assert row["met"] == expected, row
+
+
+def test_figures_that_do_not_depend_on_the_machine_are_the_hand_computed_ones(tiny_run):
+    """The tiny preset (2 blocks of width 64, one timed round): the weights the mask recompute covers are the
+    block linears' 12 d^2 per block, and each ratio is the arithmetic of the seconds the same row records."""
+    results = tiny_run[0]
+    d, blocks = 64, 2
+    for row in results["mask_recompute"]:
+        assert row["weights"] == blocks * (3 * d * d + d * d + 4 * d * d + 4 * d * d) == 98_304
+    for row in results["mask_recompute"][1:]:
+        assert row["amortised_every_10_steps"] == round(row["ratio_vs_step"] / 10, 4)
+    # one round: every ratio is that round's seconds over the dense step's (both rounded to 4 places in the row)
+    dense = next(r for r in results["train_step"] if r["variant"] == "dense")["median_s"]
+    for row in results["train_step"]:
+        assert row["ratio_min"] == row["ratio"] == row["ratio_max"]
+        rounding = 5e-5 / dense * (1 + row["median_s"] / dense) + 5e-4
+        assert row["ratio"] == pytest.approx(row["median_s"] / dense, abs=rounding), row
 
 
 def test_mask_recompute_is_a_ratio_to_a_training_step_for_both_metrics(tiny_run):
@@ -120,6 +140,13 @@ def test_interleaved_runs_every_variant_each_round_alternating_and_drops_warmup(
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     r = bench.paired_ratio([2.0, 3.0, 10.0], [1.0, 2.0, 4.0])
     assert r == {"ratio": 2.0, "ratio_min": 1.5, "ratio_max": 2.5}
+
+
+def test_a_target_is_met_or_missed_only_by_the_whole_range_of_rounds():
+    assert bench.verdict(0.95, 1.02, 1.03) == "yes"
+    assert bench.verdict(0.90, 1.19, 1.10) == "undecided"  # the median may be below; some rounds are above
+    assert bench.verdict(1.05, 1.20, 1.03) == "NO"
+    assert bench.verdict(0.9, 1.2, None) == ""
 
 
 # ---------------------------------------------------------------------------------------------- optimisations
@@ -183,7 +210,8 @@ def test_foreach_srste_adamw_matches_the_per_tensor_reference(variant, lam):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         opt = SRSTEAdamW(groups, lr=1e-2, variant=variant, masked_modules=[l for _, l in sparse_layers(model)])
         models.append((model, opt))
-    models[0][1].FOREACH_ELEMENTS = 100  # several tensors per batch where the device allows it
+    # the multi-tensor path GPUs run: batches of several tensors of at most 100 elements (one larger tensor alone)
+    models[0][1].FOREACH_ELEMENTS = models[0][1].CPU_FOREACH_ELEMENTS = 100
     for step in range(6):
         x = torch.randn(8, 16)
         for i, (model, opt) in enumerate(models):
@@ -196,6 +224,10 @@ def test_foreach_srste_adamw_matches_the_per_tensor_reference(variant, lam):
                 update_masks(model)  # the decay follows the masks as they change
     for a, b in zip(models[0][0].parameters(), models[1][0].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    trained = [p for p in models[0][0].parameters() if p.requires_grad]
+    batches = [[p.numel() for p in batch] for batch in models[0][1]._batches(trained)]
+    assert sorted(n for batch in batches for n in batch) == sorted(p.numel() for p in trained)
+    assert max(len(b) for b in batches) > 1 and all(len(b) == 1 or sum(b) <= 100 for b in batches), batches
 
 
 @pytest.mark.parametrize("trainable", [False, True])

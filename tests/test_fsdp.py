@@ -16,6 +16,7 @@ import main as main_mod
 import parallelize
 from checkpoint import load_model, sharded_checkpoint
 from conftest import REPO_ROOT
+from sparsity import sparse_layers
 
 AST_FULL = ["--distill_model", "True", "--SLoRB", "True", "--trainable_projection", "True", "--srste_decay", "1e-2",
             "--increase_step", "3", "--mask_update_interval", "2", "--learning_rate", "3e-3", "--max_iters", "6",
@@ -91,6 +92,11 @@ def test_fsdp_on_two_ranks_trains_like_one_process_and_exports_the_same_folder(f
         res = export.main(["--checkpoint", str(path), "--out", str(tmp_path / f"hf_{name}")])
         assert res["verify"]["ok"] and res["verify"]["nm_violations"] == 0
     assert_same_model(load_model(str(tmp_path / "hf_one")), load_model(str(tmp_path / "hf_two")))
+    # by content: 2 of every 4 largest |W| of the sharded run's final weights, and exactly those exported non-zero
+    exported = dict(sparse_layers(load_model(str(tmp_path / "hf_two"))))
+    for name, layer in sparse_layers(b):
+        assert torch.equal(layer.mask, expected_mask(layer.weight.detach(), "structured")), name
+        assert torch.equal(exported[name].weight.detach() != 0, layer.mask), name
 
 
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_result(pair, tiny_data, tmp_path):
@@ -115,6 +121,54 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_result(pair, tin
                       atol=0)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert all(resumed[it] == straight[it] for it in (4, 5, 6))
+
+
+def selection_units(t, mask_type):
+    """t reshaped into the sets each mask type chooses within: 4 inputs of a row, a row, the whole layer."""
+    return t.reshape(-1, {"structured": 4, "unstructured": t.shape[1], "unstructured_layer": t.numel()}[mask_type])
+
+
+def expected_mask(weight, mask_type):
+    """Each mask type's choice, written out from its definition: the top half of |W| in each selection unit (2 of
+    every 4 inputs of a row, half of each row, half of the whole layer), ties to the lower index."""
+    scores = selection_units(weight.abs(), mask_type)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :scores.shape[1] // 2]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("mask_type,port", [("unstructured", 29671), ("unstructured_layer", 29681)])
+def test_unstructured_masks_under_fsdp_give_the_single_process_masks(mask_type, port, tiny_data, tiny_models,
+                                                                     tmp_path):
+    """Per-row and per-layer masks recomputed on 2 ranks, each holding half the rows (N:M masks: the first test of
+    this file), by content: on the FSDP run's own final weights they are the type's choice over whole rows and
+    layers (the last recompute comes after the last step), its export keeps exactly those weights non-zero, and
+    they are the one-process run's masks up to near-ties (2 ranks sum gradients in another order, so the weights
+    agree to about 1e-5, and a near-tie may fall either way)."""
+    args = ["--config", "cpu_tiny", "--student_model", tiny_models["student"], "--data_dir", tiny_data["data_dir"],
+            "--wikitext_dir", "", "--eval_iters", "1", "--mask_type", mask_type, "--mask_update_interval", "2",
+            "--max_iters", "4", "--lr_decay_iters", "4", "--learning_rate", "3e-2", "--eval_interval", "100"]
+    main_mod.main([*args, "--out_dir", str(tmp_path / "one")])
+    run_torchrun([*args, "--out_dir", str(tmp_path / "two"), "--parallel", "fsdp"], port)
+    moved = [r["flip_ratio_init"] for r in map(json.loads, open(tmp_path / "one" / "metrics.jsonl"))
+             if "flip_ratio_init" in r]
+    assert moved and moved[-1] > 0  # the masks did move, so the recompute under sharding was exercised
+    export.main(["--checkpoint", str(tmp_path / "two" / "ckpt"), "--out", str(tmp_path / "hf_two")])
+    single = dict(sparse_layers(load_model(str(tmp_path / "one" / "ckpt.pt"))))
+    sharded = dict(sparse_layers(load_model(str(tmp_path / "two" / "ckpt"))))
+    exported = dict(sparse_layers(load_model(str(tmp_path / "hf_two"))))
+    assert single.keys() == sharded.keys() == exported.keys() and len(single) == 8
+    for name, layer in sharded.items():
+        assert torch.equal(layer.mask, expected_mask(layer.weight.detach(), mask_type)), name
+        recomputed = exported[name].weight.detach() != 0
+        assert torch.equal(recomputed, layer.mask), name
+        one = single[name]
+        assert torch.equal(one.mask, expected_mask(one.weight.detach(), mask_type)), name
+        # where the two differ, both keep sets of (nearly) the same total |W| of the one-process weights
+        scores = selection_units(one.weight.detach().abs(), mask_type)
+        kept_one = (scores * selection_units(one.mask, mask_type)).sum(1)
+        kept_two = (scores * selection_units(recomputed, mask_type)).sum(1)
+        assert (recomputed != one.mask).float().mean() < 1e-3, name
+        torch.testing.assert_close(kept_two, kept_one, rtol=0, atol=1e-4, msg=name)
 
 
 def test_mask_rows_pack_and_unpack_exactly():

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from conftest import GemmInputDtypes
 from loss import cross_entropy, default_chunk_size, lm_head_loss
 
 
@@ -118,33 +119,38 @@ def test_default_chunks_grow_with_width_on_cpu_and_are_large_on_gpus():
 def test_every_gemm_of_the_fused_loss_runs_in_bf16_under_autocast():
     """Under bf16 autocast the logits, dx and d weight GEMMs (student and teacher) all take bf16 operands;
     the gradients still arrive in fp32 master precision."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class GemmDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
-                mats = args[-2:]  # (a, b), after addmm's input
-                self.seen.append((func.overloadpacket.__name__, tuple(t.dtype for t in mats)))
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 16, generator=g, requires_grad=True)
     w = torch.randn(200, 16, generator=g, requires_grad=True)
     tx, tw = torch.randn(40, 12, generator=g), torch.randn(200, 12, generator=g)
     y = torch.randint(0, 200, (40,), generator=g)
-    mode = GemmDtypes()
+    mode = GemmInputDtypes()
     with torch.autocast("cpu", dtype=torch.bfloat16), mode:
         loss, _, _ = lm_head_loss(x, w, y, teacher_x=tx, teacher_weight=tw, temperature=2.0, w_ce=0.33, w_kl=0.67,
                                   chunk_size=16)
     # per chunk of 16 tokens: student logits, teacher logits, dx, d weight
     assert len(mode.seen) == 4 * 3
-    assert all(dtypes == (torch.bfloat16, torch.bfloat16) for _, dtypes in mode.seen), mode.seen
+    assert all(seen[1:] == (torch.bfloat16, torch.bfloat16) for seen in mode.seen), mode.seen
     loss.backward()
     assert x.grad.dtype == w.grad.dtype == torch.float32
     ref = lm_head_loss(x.detach().requires_grad_(), w.detach().requires_grad_(), y, teacher_x=tx, teacher_weight=tw,
                        temperature=2.0, w_ce=0.33, w_kl=0.67)[0]
     assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
+
+
+def test_the_gemm_recorder_reads_the_cuda_only_mm_with_an_out_dtype():
+    """The CUDA loss multiplies bf16 matrices into fp32 with torch.mm(a, b, out_dtype=...), which reaches a dispatch
+    mode as aten.mm.dtype(a, b, out_dtype): its last argument is a dtype. That op has no CPU kernel, but meta tensors
+    take the same path, so the recorder tests/test_cuda.py uses is checked here against every GEMM signature."""
+    a = torch.empty(8, 4, dtype=torch.bfloat16, device="meta")
+    b = torch.empty(4, 6, dtype=torch.bfloat16, device="meta")
+    c = torch.empty(8, 6, dtype=torch.bfloat16, device="meta")
+    with GemmInputDtypes() as mode:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        torch.mm(a, b)
+        torch.addmm(c, a, b)
+        torch.bmm(a[None], b[None])
+    assert out.dtype == torch.float32 and out.shape == (8, 6)
+    bf16 = (torch.bfloat16, torch.bfloat16)
+    assert mode.seen == [("aten.mm.dtype", *bf16), ("aten.mm.default", *bf16), ("aten.addmm.default", *bf16),
+                         ("aten.bmm.default", *bf16)]

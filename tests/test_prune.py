@@ -170,7 +170,8 @@ def test_cli_writes_a_checkpoint_that_main_and_evaluate_read(tiny_data, tiny_mod
     # main.py --init_from trains on from the one-shot model, masks intact
     trained = main_mod.main(["--config", "cpu_tiny", "--init_from", ckpt, "--data_dir", tiny_data["data_dir"],
                              "--wikitext_dir", tiny_data["wikitext_dir"], "--out_dir", str(tmp_path / "run"),
-                             "--max_iters", "2", "--eval_interval", "100", "--change_mask", "False"])
+                             "--max_iters", "2", "--eval_interval", "100", "--change_mask", "False",
+                             "--srste_decay", "0"])
     assert trained["nm_ok"] and trained["iter"] == 2
     after = build_model(load_checkpoint(str(tmp_path / "run" / "ckpt.pt")))
     for (_, a), (_, b) in zip(sparse_layers(after), sparse_layers(model)):

@@ -319,9 +319,13 @@ def test_settings_that_cannot_do_what_was_meant_are_errors_or_warnings():
     with pytest.raises(UserError, match="contradict"):
         parse_config(["--overwrite", "True", "--init_from", "resume"])
     short = config_warnings(parse_config(["--max_iters", "10"]))
-    assert any("--warmup_iters 2000 >= --max_iters 10: the whole run is warm-up" in w for w in short)
+    assert any("--warmup_iters 1000 >= --max_iters 10: the whole run is warm-up" in w for w in short)
     assert config_warnings(parse_config(["--max_iters", "100", "--warmup_iters", "10", "--lr_decay_iters",
-                                         "100"])) == []
+                                         "100", "--increase_step", "50"])) == []
+    assert any("--increase_step 10000 > --max_iters 100" in w
+               for w in config_warnings(parse_config(["--max_iters", "100", "--warmup_iters", "10"])))
+    assert any("--optimizer adamw has no SR-STE term" in w
+               for w in config_warnings(parse_config(["--optimizer", "adamw"])))
 
 
 def test_a_bare_resume_continues_the_run_with_its_own_settings(tiny_data, tiny_models, tmp_path):
