@@ -29,6 +29,16 @@ class GemmInputDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it): torchrun runs of tests that run at the same time,
+    under pytest-xdist, never share a rendezvous port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def data_root():
     root = default_data_root()

@@ -290,6 +290,7 @@ def test_block_linears_that_cannot_be_grouped_name_the_layer_and_the_input_dimen
 # Where each architecture was checked: every one on tiny random weights here. The real-model issue flips an
 # entry to name the pretrained model it checks (SmolLM2 for the LLaMA layout).
 CHECKED_ON = {arch: "random tiny only" for arch in ["gpt2", "opt", "mistral", "qwen2", *ARCHS]}
+CHECKED_ON["llama"] = "random tiny, and the pretrained SmolLM2-135M (`tests/test_real_model.py`)"
 
 
 def block_layout(model):

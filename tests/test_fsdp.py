@@ -15,7 +15,7 @@ import export
 import main as main_mod
 import parallelize
 from checkpoint import load_model, sharded_checkpoint
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from sparsity import sparse_layers
 
 AST_FULL = ["--distill_model", "True", "--SLoRB", "True", "--trainable_projection", "True", "--srste_decay", "1e-2",
@@ -30,13 +30,13 @@ def args_for(student, teacher, tiny_data, out_dir, *extra):
             *AST_FULL, *extra]
 
 
-def torchrun_cmd(args, port):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
+def torchrun_cmd(args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
             os.path.join(REPO_ROOT, "main.py"), *args]
 
 
-def run_torchrun(args, port):
-    proc = subprocess.run(torchrun_cmd(args, port), capture_output=True, text=True, cwd=REPO_ROOT,
+def run_torchrun(args):
+    proc = subprocess.run(torchrun_cmd(args), capture_output=True, text=True, cwd=REPO_ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -63,14 +63,14 @@ def pair(tiny_models, family_models):
             "llama": (family_models["llama"]["student"], family_models["llama"]["teacher"])}
 
 
-@pytest.mark.parametrize("family,port", [("gpt2", 29611), ("llama", 29621)])
-def test_fsdp_on_two_ranks_trains_like_one_process_and_exports_the_same_folder(family, port, pair, tiny_data,
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fsdp_on_two_ranks_trains_like_one_process_and_exports_the_same_folder(family, pair, tiny_data,
                                                                                 tmp_path):
     student, teacher = pair[family]
     # GPT-2 also scores the final model zero-shot: under fsdp every rank runs the harness's forwards in lockstep
     extra = ["--zeroshot_tasks", "arc_easy", "--zeroshot_limit", "4"] if family == "gpt2" else []
     one = main_mod.main(args_for(student, teacher, tiny_data, tmp_path / "one", *extra))
-    run_torchrun(args_for(student, teacher, tiny_data, tmp_path / "two", "--parallel", "fsdp", *extra), port)
+    run_torchrun(args_for(student, teacher, tiny_data, tmp_path / "two", "--parallel", "fsdp", *extra))
     two = json.load(open(tmp_path / "two" / "results.json"))
     if extra:
         a, b = one["zeroshot"]["tasks"]["arc_easy"], two["zeroshot"]["tasks"]["arc_easy"]
@@ -102,9 +102,9 @@ def test_fsdp_on_two_ranks_trains_like_one_process_and_exports_the_same_folder(f
 def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_result(pair, tiny_data, tmp_path):
     student, teacher = pair["gpt2"]
     extra = ("--parallel", "fsdp", "--eval_interval", "2")
-    run_torchrun(args_for(student, teacher, tiny_data, tmp_path / "straight", *extra), 29631)
+    run_torchrun(args_for(student, teacher, tiny_data, tmp_path / "straight", *extra))
     killed = args_for(student, teacher, tiny_data, tmp_path / "killed", *extra)
-    proc = subprocess.Popen(torchrun_cmd(killed, 29641), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(torchrun_cmd(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:  # rank 0 prints; iter 3 comes after the sharded checkpoint of iter 2
         if line.startswith("iter 3: loss"):
@@ -116,7 +116,7 @@ def test_kill_9_of_one_rank_then_resume_gives_the_uninterrupted_result(pair, tin
     assert proc.wait(timeout=120) != 0
     time.sleep(1)
     assert sharded_checkpoint(str(tmp_path / "killed" / "ckpt"))
-    run_torchrun([*killed, "--init_from", "resume"], 29651)
+    run_torchrun([*killed, "--init_from", "resume"])
     assert_same_model(load_model(str(tmp_path / "straight" / "ckpt")), load_model(str(tmp_path / "killed" / "ckpt")),
                       atol=0)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
@@ -136,8 +136,8 @@ def expected_mask(weight, mask_type):
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True).reshape(weight.shape)
 
 
-@pytest.mark.parametrize("mask_type,port", [("unstructured", 29671), ("unstructured_layer", 29681)])
-def test_unstructured_masks_under_fsdp_give_the_single_process_masks(mask_type, port, tiny_data, tiny_models,
+@pytest.mark.parametrize("mask_type", ["unstructured", "unstructured_layer"])
+def test_unstructured_masks_under_fsdp_give_the_single_process_masks(mask_type, tiny_data, tiny_models,
                                                                      tmp_path):
     """Per-row and per-layer masks recomputed on 2 ranks, each holding half the rows (N:M masks: the first test of
     this file), by content: on the FSDP run's own final weights they are the type's choice over whole rows and
@@ -148,7 +148,7 @@ def test_unstructured_masks_under_fsdp_give_the_single_process_masks(mask_type, 
             "--wikitext_dir", "", "--eval_iters", "1", "--mask_type", mask_type, "--mask_update_interval", "2",
             "--max_iters", "4", "--lr_decay_iters", "4", "--learning_rate", "3e-2", "--eval_interval", "100"]
     main_mod.main([*args, "--out_dir", str(tmp_path / "one")])
-    run_torchrun([*args, "--out_dir", str(tmp_path / "two"), "--parallel", "fsdp"], port)
+    run_torchrun([*args, "--out_dir", str(tmp_path / "two"), "--parallel", "fsdp"])
     moved = [r["flip_ratio_init"] for r in map(json.loads, open(tmp_path / "one" / "metrics.jsonl"))
              if "flip_ratio_init" in r]
     assert moved and moved[-1] > 0  # the masks did move, so the recompute under sharding was exercised

@@ -13,7 +13,7 @@ import torch
 import main as main_mod
 from checkpoint import load_checkpoint
 from config import TrainConfig, flag_table_markdown, parse_config
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from cli import UserError
 
 UPSTREAM_NAIVE = """--learning_rate 2e-4 --min_lr 2e-5 --warmup_iters 2000 --lr_decay_iters 38000 --max_iters 40000
@@ -50,8 +50,8 @@ def run_cli(args, **kw):
 
 
 def torchrun(args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(29500 + random.Random(os.getpid()).randrange(1000)), os.path.join(REPO_ROOT, "main.py"), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(REPO_ROOT, "main.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -303,7 +303,7 @@ def test_final_evaluation_sizes_are_the_ones_results_json_reports(tiny_data, tin
     curve_last = [r for r in rows if "wikitext_ppl" in r][-1]
     assert curve_last["iter"] == 6 and curve_last["wikitext_ppl"] != res["wikitext_ppl"]  # 2 windows, not 5
     ref = evaluate.main(["--model", str(tmp_path / "run" / "ckpt.pt"), "--wikitext_dir", tiny_data["wikitext_dir"],
-                         "--data_dir", tiny_data["data_dir"], "--block_size", "32", "--batch_size", "2",
+                         "--data_dir", tiny_data["data_dir"], "--batch_size", "2",  # both: the model's context
                          "--eval_iters", "3", "--ppl_windows", "5", "--device", "cpu"])
     assert res["wikitext_ppl"] == pytest.approx(ref["wikitext_ppl"], rel=1e-6)
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)

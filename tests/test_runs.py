@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import prune
 from checkpoint import build_model, load_checkpoint, save_training_checkpoint
 from cli import UserError
 from config import RESUME_MAY_CHANGE, TrainConfig, config_warnings, parse_config
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 from data.loader import BinDataset, eval_offsets
 from rundir import resume_changes, trim_metrics
 
@@ -173,8 +172,8 @@ def test_third_interrupt_exits_at_once_and_the_checkpoint_on_disk_is_intact(tiny
 
 
 def torchrun(args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-            str(29500 + random.Random(os.getpid() + 7).randrange(1000)), os.path.join(REPO_ROOT, "main.py"), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+            os.path.join(REPO_ROOT, "main.py"), *args]
 
 
 def test_ctrl_c_under_torchrun_saves_every_rank_and_no_rank_prints_a_traceback(tiny_data, tiny_models, tmp_path):
