@@ -6,8 +6,8 @@ evaluated on the same WikiText-2 windows (README, "Ties at the N:M boundary").
 
 Rules: high / low (sparsity.nm_mask's two: of two equal |W| the higher or the lower input index is kept);
 topk (the published Wanda/AST code's order: the two that torch.topk(largest=False) returns are pruned);
-randomS (ties broken by a random order drawn with seed S: the spread of an arbitrary choice). Also prints the
-share of groups with a tie at the boundary (the n-th and (n+1)-th largest |W| equal).
+randomS (ties broken by a random order drawn with seed S: the spread of an arbitrary choice); dense (the model
+unpruned). Also prints the share of groups with a tie at the boundary (the n-th and (n+1)-th largest |W| equal).
 """
 import os
 import sys
@@ -56,7 +56,8 @@ def main(argv=None):
     p = cli.ArgumentParser(prog="tie_rules.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a dense model (folder, .gguf, hub id, checkpoint)")
     p.add_argument("--wikitext_dir", required=True, help="test.bin made with the model's tokenizer")
-    p.add_argument("--rules", default="high,low,topk,random0,random1,random2", help="comma-separated")
+    p.add_argument("--rules", default="dense,high,low,topk,random0,random1,random2",
+                   help="comma-separated; dense = no pruning")
     p.add_argument("--windows", type=int, default=32, help="first N WikiText-2 windows")
     p.add_argument("--eval_block_size", type=int, default=1024)
     p.add_argument("--num_threads", type=int, default=1)
@@ -72,10 +73,11 @@ def main(argv=None):
     result = {"model": args.model, "windows": args.windows, "eval_block_size": window,
               "boundary_tie_share": boundary_ties(layers), "ppl": {}}
     print(f"groups with a tie at the 2:4 boundary: {result['boundary_tie_share']:.4f}", flush=True)
-    dense = wikitext_perplexity(model, tokens, window, args.windows)  # masks all-ones: the dense model
-    result["ppl"]["dense"] = dense
-    print(f"dense: {dense:.2f}", flush=True)
     for rule in args.rules.split(","):
+        if rule == "dense":  # masks all-ones
+            result["ppl"]["dense"] = wikitext_perplexity(model, tokens, window, args.windows)
+            print(f"dense: {result['ppl']['dense']:.2f}", flush=True)
+            continue
         t0 = time.time()
         generator = torch.Generator().manual_seed(int(rule[len("random"):]) if rule.startswith("random") else 0)
         with torch.no_grad():
