@@ -187,11 +187,11 @@ def read_hf_config(path) -> dict:
     """config.json of a local Hugging Face folder (one-line errors when it names no model_type)."""
     path = resolve(path).path
     hf = read_model_config(path)
-    check_family(hf.get("model_type"), os.path.join(path, "config.json"))
+    check_model_type(hf.get("model_type"), os.path.join(path, "config.json"))
     return hf
 
 
-def check_family(model_type, where):
+def check_model_type(model_type, where):
     if not model_type:
         raise UserError(f"{where} names no model_type: not a transformers model")
 
@@ -280,7 +280,7 @@ def _load_gguf(source, dtype):
         raise UserError(f"reading {source.path} needs the gguf package ({_first_line(e)}): pip install gguf") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"cannot load {source.path} with transformers' GGUF loader ({_first_line(e)})") from None
-    check_family(loaded.config.model_type, source.path)
+    check_model_type(loaded.config.model_type, source.path)
     if loaded.config.model_type == "gpt2":
         raise UserError(f"{source.path}: GPT-2 from a .gguf file is not supported; pass its Hugging Face folder")
     config = _no_dropout(copy.deepcopy(loaded.config))
@@ -314,7 +314,7 @@ def from_config(family, args, block_size=None):
             hf = transformers.AutoModelForCausalLM.from_config(config)
         except ValueError as e:  # a model_type this transformers does not know, or not a causal LM
             raise UserError(f"cannot build a {family!r} model with transformers {transformers.__version__} "
-                            f"({str(e).strip().splitlines()[0]})") from None
+                            f"({_first_line(e)})") from None
         model = HFCausalLM(hf.eval())
     return crop_context(model, block_size, "the checkpoint") if block_size else model
 

@@ -95,9 +95,8 @@ def load_student(cfg: TrainConfig):
         return GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout))
     model = load_model(cfg.init_from or cfg.student_model, what="--init_from" if cfg.init_from else "--student_model")
-    if cfg.block_size > model.config.block_size:
-        raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
-    # the context is kept as long as the evaluation window needs (GPT-2's position embeddings are cropped to it)
+    # the context is kept as long as the evaluation window needs (GPT-2's position embeddings are cropped to it);
+    # a --block_size longer than the context is refused there
     return families.crop_context(model, max(cfg.block_size, eval_window(model, cfg.eval_block_size)),
                                  cfg.init_from or cfg.student_model)
 
@@ -363,7 +362,7 @@ def start_run(cfg: TrainConfig, rt: Runtime, explicit) -> Run:
         raise UserError(f"--block_size {cfg.block_size} exceeds the model's context {model.config.block_size}")
     eval_block_size = eval_window(model, cfg.eval_block_size)
     if eval_block_size != cfg.block_size:
-        val_data = BinDataset(os.path.join(cfg.data_dir, "val.bin"), eval_block_size)
+        val_data = BinDataset(os.path.join(cfg.data_dir, "val.bin"), eval_block_size, flag)
     val_data.check_model(model)
     if wikitext is not None:
         check_wikitext(cfg.wikitext_dir, wikitext, model)

@@ -471,6 +471,8 @@ def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_bloc
     `calibrate`, a function calibrate(model) that runs forward passes over calibration data (masks are off while
     it runs, so the statistics come from the dense model). Returns the list of swapped names.
     """
+    if ties not in TIE_RULES:  # before anything is swapped
+        raise ValueError(f"unknown tie rule {ties!r}: choose one of {', '.join(TIE_RULES)}")
     linears = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear and filter_fn(name, mod)]
     experts = [(name, mod, attr) for name, mod, attr in expert_weights(model)
                if filter_fn(name, mod._parameters[attr])]
@@ -491,8 +493,6 @@ def sparsify(model: nn.Module, n=2, m=4, metric="magnitude", filter_fn=gpt2_bloc
             _swap_expert_weight(module, attr, name, **args)
         except ValueError as e:
             raise ValueError(e if str(e).startswith(name) else f"{name}: {e}") from None
-    if ties not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {ties!r}: choose one of {', '.join(TIE_RULES)}")
     swapped = {name for name, _ in linears} | {name for name, _, _ in experts}
     for name, layer in sparse_layers(model):
         if name in swapped:
