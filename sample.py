@@ -73,12 +73,25 @@ def sample(model, tok, prompt, num_samples=1, max_new_tokens=100, temperature=0.
     return [tok.decode(row[len(ids):].tolist()) for row in out]
 
 
+def read_prompt(start):
+    """--start: the prompt itself, or FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"--start {start}: cannot read the file ({e.strerror})") from None
+
+
 def main(argv=None):
     from checkpoint import load_model
 
     p = cli.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--start", action="append", default=None,
+                   help="the prompt, or FILE:path to read it from a file; repeat for several prompts, each sampled "
+                        "with the same settings and seed (default: a newline)")
     p.add_argument("--num_samples", type=int, default=3)
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="1 = the model's distribution, 0 = greedy")
@@ -92,25 +105,22 @@ def main(argv=None):
         raise UserError("--temperature and --top_k must be >= 0, --num_samples >= 1, --max_new_tokens >= 0")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    prompt = args.start
-    if prompt.startswith("FILE:"):
-        try:
-            with open(prompt[5:], encoding="utf-8") as f:
-                prompt = f.read()
-        except OSError as e:
-            raise UserError(f"--start {args.start}: cannot read the file ({e.strerror})") from None
+    prompts = [read_prompt(start) for start in args.start or ["\n"]]
     model = load_model(args.model).to(args.device).eval()
     tok = model_tokenizer(model)
-    texts = sample(model, tok, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
-                   args.seed, args.device)
-    for text in texts:
-        print(prompt + text)
-        print("---------------")
-    if args.out:
+    runs = []
+    for prompt in prompts:
+        texts = sample(model, tok, prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                       args.seed, args.device)
+        for text in texts:
+            print(prompt + text)
+            print("---------------")
+        runs.append({"prompt": prompt, "samples": texts})
+    if args.out:  # "prompt" and "samples": the first prompt's (the one-prompt form); "prompts": all of them
         settings = {k: getattr(args, k) for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "seed")}
         with open(args.out, "w") as f:
-            json.dump({"model": args.model, "prompt": prompt, **settings, "samples": texts}, f, indent=2,
-                      ensure_ascii=False)
+            json.dump({"model": args.model, **runs[0], **settings, "prompts": runs}, f, indent=2, ensure_ascii=False)
+    texts = runs[0]["samples"] if len(runs) == 1 else [r["samples"] for r in runs]
     return texts
 
 

@@ -1,4 +1,6 @@
 """sample.py: seeded text from any model source, and the distribution it draws from is the model's softmax."""
+import json
+
 import pytest
 import torch
 
@@ -11,9 +13,9 @@ from model import GPT, GPTConfig
 from sparsity import sparse_layers, sparsify
 
 
-def run(model, *extra):
-    return sample.main(["--model", model, "--start", "The city council said", "--num_samples", "2",
-                        "--max_new_tokens", "8", "--device", "cpu", *extra])
+def run(model, *extra, start="The city council said"):
+    return sample.main(["--model", model, "--start", start, "--num_samples", "2", "--max_new_tokens", "8",
+                        "--device", "cpu", *extra])
 
 
 def test_same_seed_gives_the_same_text_and_another_seed_other_text(tiny_gpt2_dir, data_root):
@@ -100,6 +102,17 @@ def test_bad_settings_and_unreadable_prompt_files_are_one_line_errors(tiny_gpt2_
         assert capsys.readouterr().err.count("\n") == 1
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time")
-    assert run(tiny_gpt2_dir, "--start", f"FILE:{prompt}", "--seed", "1")[0] == \
+    assert run(tiny_gpt2_dir, "--seed", "1", start=f"FILE:{prompt}")[0] == \
         sample.main(["--model", tiny_gpt2_dir, "--start", "Once upon a time", "--num_samples", "2",
                      "--max_new_tokens", "8", "--device", "cpu", "--seed", "1"])[0]
+
+
+def test_several_prompts_each_give_what_they_give_alone_and_all_are_written(tiny_gpt2_dir, tmp_path):
+    """--start twice: each prompt sampled with the same seed as a run of its own; the JSON holds both."""
+    out = tmp_path / "two.json"
+    both = run(tiny_gpt2_dir, "--seed", "3", "--start", "Once upon a time", "--out", str(out))
+    alone = [run(tiny_gpt2_dir, "--seed", "3"), run(tiny_gpt2_dir, "--seed", "3", start="Once upon a time")]
+    assert both == alone and alone[0] != alone[1]
+    saved = json.load(open(out))
+    assert [p["prompt"] for p in saved["prompts"]] == ["The city council said", "Once upon a time"]
+    assert [p["samples"] for p in saved["prompts"]] == alone and saved["samples"] == alone[0]
