@@ -174,7 +174,11 @@ def header(summary):
                 "threads per process and the teacher's ranks are part of the recipe: they change the last digits); "
                 "other CPUs differ (README, \"Demo\").", ""]
     one = len(seeds) == 1
-    return [f"Preset `{summary['preset']}`: {summary['model_name']}, every method from the same dense model. "
+    start = s.get("start", "dense")
+    origin = ("every method from the same dense model" if start == "dense" else
+              f"one-shot methods from the dense model, every retraining method from the same one-shot model "
+              f"(`{start}`: its masks, pruned weights zero)")
+    return [f"Preset `{summary['preset']}`: {summary['model_name']}, {origin}. "
             f"Retraining seed{'' if one else 's'} {', '.join(map(str, seeds))}"
             + (" (one draw: a difference between two retrained rows is a claim only beyond the seed spread, which "
                "one seed cannot show)" if one else " (mean ± sample standard deviation over seeds)")
