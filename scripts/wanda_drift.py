@@ -147,12 +147,24 @@ def differing(a, b):
     return per_block, diff / total
 
 
+def boundary_score_ties(base, model, n=2, m=4):
+    """How many n:m groups of model's layers have their n-th and (n+1)-th largest Wanda score exactly equal (and
+    non-zero): where the tie rule alone decides. Scores from base's dense weights and model's statistics."""
+    dense = dict(base.named_modules())
+    ties = 0
+    for name, layer in sparse_layers(model):
+        scores = sparsity.wanda_scores(dense[name].weight.detach().float(), layer.input_sq.sqrt())
+        top = scores.reshape(-1, m).sort(dim=1, descending=True).values
+        ties += int(((top[:, n - 1] == top[:, n]) & (top[:, n] > 0)).sum())
+    return ties
+
+
 def main(argv=None):
     p = cli.ArgumentParser(prog="wanda_drift.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a dense model (folder, .gguf, hub id)")
     p.add_argument("--calibration", nargs="+", required=True, help="calibration files, one run per file")
     p.add_argument("--published_dir", default="", help="a checkout of github.com/locuslab/wanda ('' = ours only)")
-    p.add_argument("--ours", default="b8", help="comma-separated variants of ours: bB or bB-mean (see above)")
+    p.add_argument("--ours", default="b8", help="comma-separated variants of ours: bB[-mean][-topk] (see above)")
     p.add_argument("--wikitext_dir", required=True, help="test.bin made with the model's tokenizer")
     p.add_argument("--windows", type=int, default=32, help="first N WikiText-2 windows")
     p.add_argument("--eval_block_size", type=int, default=1024, help="WikiText-2 window length")
@@ -172,19 +184,22 @@ def main(argv=None):
     results = []
     for path in args.calibration:
         tokens, meta = load_calibration(path)
-        runs = {}
+        runs, ties = {}, {}
         if published is not None:
             t0 = time.process_time()
             runs["published"] = prune_published(published, base, tokens)
             print(f"{path}: published pruned in {time.process_time() - t0:.0f} s of CPU", flush=True)
         for variant in args.ours.split(","):
             t0 = time.process_time()
-            runs["ours " + variant] = prune_ours(base, tokens, variant)
-            print(f"{path}: ours {variant} pruned in {time.process_time() - t0:.0f} s of CPU", flush=True)
+            model = runs["ours " + variant] = prune_ours(base, tokens, variant)
+            seconds = time.process_time() - t0
+            ties["ours " + variant] = boundary_score_ties(base, model)
+            print(f"{path}: ours {variant} pruned in {seconds:.0f} s of CPU; {ties['ours ' + variant]} groups with "
+                  "an exact score tie at the 2:4 boundary", flush=True)
         reference = next(iter(runs))
         row = {"calibration": path, "seed": meta.get("seed"), "reference": reference, "runs": {}}
         for label, model in runs.items():
-            run = {}
+            run = {"score_ties": ties[label]} if label in ties else {}
             if label != reference:
                 run["differing_per_block"], run["differing"] = differing(model, runs[reference])
             # the same pruned weights give the same perplexity: not evaluated twice
