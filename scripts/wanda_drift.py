@@ -68,11 +68,19 @@ def running_mean_norms(seqlen):
     return contextlib.contextmanager(collect)
 
 
+def parse_variant(variant):
+    """'b8-mean' -> (8, ['mean']); a malformed variant is a one-line error."""
+    batch, *changes = variant.split("-")
+    if not batch.startswith("b") or not batch[1:].isdigit() or int(batch[1:]) < 1 or \
+            not set(changes) <= {"mean", "topk"}:
+        raise cli.UserError(f"--ours {variant!r}: write bB, optionally with -mean and/or -topk (B >= 1 windows per "
+                            "forward)")
+    return int(batch[1:]), changes
+
+
 def prune_ours(base, tokens, variant):
     """A copy of base pruned by prune.prune_model (Wanda 2:4) under a variant bB[-mean][-topk] (module docstring)."""
-    batch, *changes = variant.split("-")
-    if not batch.startswith("b") or not batch[1:].isdigit() or not set(changes) <= {"mean", "topk"}:
-        raise cli.UserError(f"--ours {variant!r}: write bB, optionally with -mean and/or -topk (B windows per forward)")
+    batch, changes = parse_variant(variant)
     model = copy.deepcopy(base)
     saved = prune.collect_input_norms, sparsity.nm_mask
     if "mean" in changes:
@@ -80,7 +88,7 @@ def prune_ours(base, tokens, variant):
     if "topk" in changes:  # SparseLinear.compute_mask calls sparsity.nm_mask; scores are >= 0, so |scores| = scores
         sparsity.nm_mask = lambda scores, n, m, ties: keep_mask(scores, "topk", n, m)
     try:
-        prune.prune_model(model, "wanda", 2, 4, 0.0, tokens, int(batch[1:]), progress=False)
+        prune.prune_model(model, "wanda", 2, 4, 0.0, tokens, batch, progress=False)
     finally:
         prune.collect_input_norms, sparsity.nm_mask = saved
     return model
@@ -171,6 +179,8 @@ def main(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=8, help="windows per evaluation forward (prune.py's 8)")
     p.add_argument("--results", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
+    for variant in args.ours.split(","):  # before minutes of pruning
+        parse_variant(variant)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     published = import_published(args.published_dir) if args.published_dir else None
     wikitext = load_wikitext_tokens(args.wikitext_dir)
