@@ -262,7 +262,8 @@ def published_prune(model, method, tokens, n=2, m=4):
     for block in blocks:
         layers = [mod for mod in block.modules() if type(mod) is nn.Linear]
         stats = {layer: (ColumnNormMean if method == "wanda" else HessianMean)(layer) for layer in layers}
-        handles = [layer.register_forward_hook(lambda mod, inp, out: stats[mod].add(inp[0])) for layer in layers]
+        handles = [layer.register_forward_hook(lambda mod, inp, out, stats=stats: stats[mod].add(inp[0]))
+                   for layer in layers]
         for j in range(len(inps)):
             outs[j] = _block_out(block, inps[j:j + 1], other)[0]
         for handle in handles:
@@ -273,7 +274,6 @@ def published_prune(model, method, tokens, n=2, m=4):
                 layer.weight.data[topk_group_mask(scores, n_pruned, m)] = 0
             else:
                 published_obs_prune(layer, stats[layer].value, n_pruned, m)
-        del stats
         for j in range(len(inps)):
             outs[j] = _block_out(block, inps[j:j + 1], other)[0]
         inps, outs = outs, inps
