@@ -1,8 +1,9 @@
-"""Benchmarks: `python bench.py --preset tiny|small|gpt2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
+"""Benchmarks: `python bench.py --preset tiny|small|gpt2|smollm2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
 
 Other flags: --variants (the training-step variants), --prune_methods (the prune section's rows), --repeats /
 --warmup (the preset's by default), --out FILE.
 The prune section (prune.py's methods on a random OPT of the preset's shape) runs only when named in --only.
+The real-shape presets (smollm2: SmolLM2-135M's LLaMA shapes; tiny-llama) run bench_real.py's sections instead.
 
 Every compared figure is a ratio against a baseline measured in the same run, interleaved: each repeat round
 runs every variant once (A B C …, the next round C B A …, so a slow drift of the machine hits all variants

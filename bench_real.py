@@ -324,7 +324,7 @@ def real_prune(args):
     repeats = args.repeats if getattr(args, "repeats_given", False) else p.prune_repeats
     times = interleaved(fns, repeats, args.warmup, device, setup={name: lambda: copy.deepcopy(dense) for name in fns})
     common = dict(model=f"llama {p.n_layer} x {p.n_embd}", windows=p.prune_windows, window=p.prune_window,
-                  batch=p.prune_batch)
+                  batch=p.prune_batch, ours_windows_per_forward=prune.forward_batch(tokens, p.prune_batch, None))
     rows = []
     for method in methods:
         a, b = f"{method}, prune.py", f"{method}, published"
