@@ -321,7 +321,7 @@ def real_prune(args):
     fns = {}
     for method in methods:
         fns[f"{method}, prune.py"], fns[f"{method}, published"] = ours(method), published(method)
-    repeats = args.repeats if getattr(args, "repeats_given", False) else p.prune_repeats
+    repeats = args.repeats if getattr(args, "repeats_given", False) else p.prune_repeats  # the run's header: steps
     times = interleaved(fns, repeats, args.warmup, device, setup={name: lambda: copy.deepcopy(dense) for name in fns})
     common = dict(model=f"llama {p.n_layer} x {p.n_embd}", windows=p.prune_windows, window=p.prune_window,
                   batch=p.prune_batch, ours_windows_per_forward=prune.forward_batch(tokens, p.prune_batch, None))
@@ -331,7 +331,7 @@ def real_prune(args):
         per_block = {name: [t / p.n_layer for t in times[name]] for name in (a, b)}
         ratio = paired_ratio(times[a], times[b], "ours_vs_published")
         for name in (a, b):
-            row = dict(what=name, **common, **time_stats(times[name]),
+            row = dict(what=name, **common, rounds=len(times[name]), **time_stats(times[name]),
                        seconds_per_block=round(statistics.median(per_block[name]), 4))
             if name == a:
                 row.update(ratio, target=1.0, met=verdict(ratio["ours_vs_published_min"],
