@@ -389,7 +389,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_block_size", "--block_size", type=int, default=0, dest="eval_block_size",
                    help=f"WikiText-2 window and C4 validation sequence length (0 = the model's context, at most "
                         f"{MAX_EVAL_WINDOW}: GPT-2 1024, OPT 2048, LLaMA-2 4096, as Wanda/SparseGPT)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="windows per forward pass (pruning on a CPU without --reconstruct: at most "
+                        f"{CPU_TOKENS_PER_FORWARD} tokens' worth, at least one window)")
     p.add_argument("--reconstruct", type=cli.parse_bool, default=False,
                    help="after pruning each block, train its pruned attention and MLP to reproduce the dense "
                         "submodules' outputs on the calibration windows (local reconstruction, masks fixed)")
