@@ -1,6 +1,7 @@
-"""Where prune.py's Wanda spends its CPU against the published procedure, by operator (torch.profiler self time).
+"""Where prune.py's Wanda (or SparseGPT) spends its CPU against the published procedure, by operator (torch.profiler self time).
 
-    python scripts/prune_profile.py [--blocks 3] [--windows 8] [--window 512] [--tokens_per_forward 512 4096]
+    python scripts/prune_profile.py [--method wanda|sparsegpt] [--blocks 3] [--windows 8] [--window 512]
+        [--tokens_per_forward 512 4096]
 
 A random model of SmolLM2-135M's block shapes (bench_real.SMOLLM2_135M, cut to --blocks blocks), one thread, the
 same calibration windows for every run: prune.prune_model with prune.CPU_TOKENS_PER_FORWARD set to each value
@@ -28,6 +29,7 @@ def self_ms(fn, model):
 
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="wanda", choices=("wanda", "sparsegpt"))
     p.add_argument("--blocks", type=int, default=3)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window", type=int, default=512)
@@ -42,16 +44,16 @@ def main(argv=None):
     def ours(cap):
         def run(model):
             prune.CPU_TOKENS_PER_FORWARD = cap
-            prune.prune_model(model, "wanda", tokens=tokens, batch_size=args.windows, progress=False)
+            prune.prune_model(model, args.method, tokens=tokens, batch_size=args.windows, progress=False)
         return run
 
     runs = {f"ours, {cap} tokens/forward": ours(cap) for cap in args.tokens_per_forward}
-    runs["published"] = lambda model: bench_real.published_prune(model, "wanda", tokens)
+    runs["published"] = lambda model: bench_real.published_prune(model, args.method, tokens)
     for fn in runs.values():  # warm-up
         fn(copy.deepcopy(dense))
     tables = {name: self_ms(fn, copy.deepcopy(dense)) for name, fn in runs.items()}
     ops = sorted(set().union(*tables.values()), key=lambda op: -max(t.get(op, 0.0) for t in tables.values()))
-    print(f"self CPU ms, Wanda 2:4, {args.blocks} blocks of SmolLM2-135M's shapes, {args.windows} x {args.window} "
+    print(f"self CPU ms, {args.method} 2:4, {args.blocks} blocks of SmolLM2-135M's shapes, {args.windows} x {args.window} "
           f"tokens, one thread")
     print(f"{'operator':52s}" + "".join(f"{name:>28s}" for name in tables))
     for op in ops[:args.rows]:
