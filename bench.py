@@ -1,8 +1,9 @@
-"""Benchmarks: `python bench.py --preset tiny|small|gpt2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
+"""Benchmarks: `python bench.py --preset tiny|small|gpt2|smollm2 [--only SECTION,...] [--device cpu|cuda] [--threads N]`.
 
 Other flags: --variants (the training-step variants), --prune_methods (the prune section's rows), --repeats /
 --warmup (the preset's by default), --out FILE.
 The prune section (prune.py's methods on a random OPT of the preset's shape) runs only when named in --only.
+The real-shape presets (smollm2: SmolLM2-135M's LLaMA shapes; tiny-llama) run bench_real.py's sections instead.
 
 Every compared figure is a ratio against a baseline measured in the same run, interleaved: each repeat round
 runs every variant once (A B C …, the next round C B A …, so a slow drift of the machine hits all variants
@@ -34,10 +35,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
 import torch
 
+import bench_core
+import bench_real
+from bench_core import (Variant, interleaved, paired_ratio, synchronize, teacher_dtype,  # noqa: F401 (bench.X too)
+                        time_stats, train_config, verdict)
 from cli import REPO_ROOT, ArgumentParser, UserError, default_data_root, run
 
 MiB = 2 ** 20
@@ -75,20 +79,6 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Variant:
-    """What one training step does on top of the dense model."""
-    label: str
-    sparse: bool = False        # 2:4 masks, magnitude, straight-through estimator
-    srste: bool = False         # SRSTEAdamW, the paper's variant, λ = 1e-4 (the published srste_decay)
-    slorb: str = "none"         # none | fixed | trainable (SLoRB k = 16, mean init)
-    distill: bool = False       # frozen dense teacher, loss 0.33 CE + 0.67 KL (τ = 2)
-    distill_chunks: int = 0     # the distillation loss in this many token chunks (0: main.py's auto chunk size)
-    logits_loss: bool = False   # lm_head + F.cross_entropy on full logits instead of main.py's fused loss
-    teacher_dtype: str = "auto"  # main.py's --teacher_dtype: auto = bfloat16 on GPUs, float32 on CPU
-    target: float = None        # the issue's ceiling on the ratio to the dense step (gpt2 preset)
-
-
 STEP_VARIANTS = {
     "dense": Variant("dense GPT-2, torch AdamW"),
     "masks": Variant("2:4 masks (STE), torch AdamW", sparse=True, target=1.03),
@@ -117,30 +107,7 @@ def model_config(preset: Preset):
                      n_head=preset.n_head, n_embd=preset.n_embd)
 
 
-def train_config(preset: Preset, variant: Variant):
-    """The main.py configuration this variant corresponds to (learning rate, betas, clip, hardness, ...)."""
-    from config import TrainConfig
-    tokens = preset.batch_size * preset.block_size
-    # without SR-STE, torch's AdamW (--optimizer adamw); the distillation weights of the paper's AST command
-    return TrainConfig(mode="sparse_forward" if variant.sparse else "dense", mask_metric="magnitude",
-                       srste_decay=1e-4 if variant.srste else 0.0, optimizer="ast" if variant.srste else "adamw",
-                       hardness_task=0.33, hardness_kldiv=0.67, hardness_squarehead=0.0,
-                       SLoRB=variant.slorb != "none", SLoRB_k=16, SLoRB_init_type="mean",
-                       trainable_projection=variant.slorb == "trainable", distill_model=variant.distill,
-                       distill_chunk_size=max(tokens // variant.distill_chunks, 1) if variant.distill_chunks else 0,
-                       teacher_dtype=variant.teacher_dtype,
-                       block_size=preset.block_size, batch_size=preset.batch_size,
-                       global_batch_size=preset.batch_size)
-
-
 # ------------------------------------------------------------------------------------------------ one variant
-def teacher_dtype(variant: Variant, device) -> str:
-    """main.py's choice: --teacher_dtype, where auto = bfloat16 on GPUs and float32 on CPU."""
-    if variant.teacher_dtype != "auto":
-        return variant.teacher_dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
 def build_teacher(preset: Preset, device, dtype="float32", seed=1):
     """A random dense teacher of the student's shape, frozen, in dtype (a distill.TEACHER_DTYPES key)."""
     from distill import TEACHER_DTYPES, Teacher
@@ -149,62 +116,20 @@ def build_teacher(preset: Preset, device, dtype="float32", seed=1):
     return Teacher(GPT(model_config(preset))).to(device=device, dtype=TEACHER_DTYPES[dtype])
 
 
-class Trainer:
-    """One variant: its model, optimizer, objective and a fixed batch; step() is one main.py training step.
-
-    Built as main.py builds it (sparsify, configure_optimizer, Distiller), from the same random weights and
-    the same batch for every variant.
-    """
+class Trainer(bench_core.Trainer):
+    """One variant on the preset's random GPT-2 (the same weights and batch for every variant); the teacher, when
+    the variant distils and none is given, another random GPT-2 of its shape."""
 
     def __init__(self, preset: Preset, variant: Variant, device="cpu", dtype="float32",
                  gradient_checkpointing=False, teacher=None, seed=0):
-        from distill import Distiller
-        from main import configure_optimizer
-        from parallelize import PTDTYPE
         from model import GPT
-        from sparsity import sparsify
 
-        self.variant, self.device = variant, device
-        cfg = self.cfg = train_config(preset, variant)
+        if variant.distill and teacher is None:
+            teacher = build_teacher(preset, device, teacher_dtype(variant, device))
         torch.manual_seed(seed)
-        model = GPT(model_config(preset)).to(device)
-        if variant.sparse:
-            sparsify(model, n=cfg.N, m=cfg.M, metric=cfg.mask_metric, slorb_k=cfg.SLoRB_k if cfg.SLoRB else 0,
-                     slorb_init=cfg.SLoRB_init_type, trainable_projection=cfg.trainable_projection)
-        model.gradient_checkpointing = gradient_checkpointing
-        self.model = model.train()
-        device_type = "cuda" if device.startswith("cuda") else "cpu"
-        self.optimizer = configure_optimizer(model, cfg, SimpleNamespace(device_type=device_type))
-        self.distiller = None
-        if variant.distill:
-            teacher = teacher if teacher is not None else \
-                build_teacher(preset, device, teacher_dtype(variant, device))
-            self.distiller = Distiller(teacher, model.config, cfg.hardness_task, cfg.hardness_kldiv,
-                                       cfg.hardness_squarehead, cfg.distill_temperature, cfg.distill_chunk_size)
-        self.ctx = contextlib.nullcontext() if dtype == "float32" else \
-            torch.autocast(device_type=device_type, dtype=PTDTYPE[dtype])
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(VOCAB_SIZE, (preset.batch_size, preset.block_size + 1), generator=gen)
-        self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
-
-    def step(self):
-        """Forward, backward, clip, optimizer step, zero_grad: main.py's step at one micro-batch per step."""
-        cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.learning_rate
-            group["srste_lambda"] = cfg.srste_decay
-        with self.ctx:
-            if self.distiller is not None:
-                loss, _ = self.distiller(self.model, self.x, self.y)
-            else:
-                _, loss = self.model(self.x, targets=self.y, return_logits=self.variant.logits_loss)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise RuntimeError(f"non-finite gradient in the {self.variant.label} benchmark step")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        super().__init__(GPT(model_config(preset)), variant, train_config(variant, preset.block_size,
+                                                                          preset.batch_size),
+                         device, dtype, gradient_checkpointing, teacher, seed)
 
 
 class Workbench:
@@ -234,53 +159,6 @@ class Workbench:
         used = {id(t.distiller.teacher) for t in self.trainers.values() if t.distiller is not None}
         self.teachers = {dtype: t for dtype, t in self.teachers.items() if id(t) in used}
         gc.collect()
-
-
-# ------------------------------------------------------------------------------------------------ timing
-def synchronize(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict, repeats: int, warmup: int, device="cpu", setup=None) -> dict:
-    """{name: [seconds per timed round]}: every round calls each fn once, alternating the order each round.
-
-    setup: {name: fn()} whose result fns[name] is called with, made before the clock starts (e.g. a fresh copy
-    of a model that the timed call changes)."""
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(warmup + repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            arg = (setup[name](),) if setup and name in setup else ()
-            synchronize(device)
-            t0 = time.perf_counter()
-            fns[name](*arg)
-            synchronize(device)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def time_stats(seconds):
-    return dict(median_s=round(statistics.median(seconds), 4), min_s=round(min(seconds), 4),
-                max_s=round(max(seconds), 4))
-
-
-def paired_ratio(seconds, baseline, prefix="ratio"):
-    """Median and min–max over rounds of seconds[i] / baseline[i] (both timed in round i)."""
-    ratios = [s / b for s, b in zip(seconds, baseline)]
-    return {prefix: round(statistics.median(ratios), 3), f"{prefix}_min": round(min(ratios), 3),
-            f"{prefix}_max": round(max(ratios), 3)}
-
-
-def verdict(low, high, target):
-    """Met only when every round's ratio is at or below the target (its min–max over rounds: low, high), not met
-    when every round's is above; otherwise the rounds disagree and the run does not decide it."""
-    if target is None:
-        return ""
-    if high <= target:
-        return "yes"
-    return "NO" if low > target else "undecided"
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -922,10 +800,12 @@ SECTIONS = {
     "profile": profile,
     "train_step_bf16": train_step_bf16,
     "semi_structured": semi_structured,
+    "real_step": bench_real.real_step,  # the real-shape presets' sections (smollm2, tiny-llama)
+    "real_prune": bench_real.real_prune,
 }
 
 # Sections a default run leaves out: prune on the gpt2 preset takes over an hour on a CPU (its reconstruction row).
-ON_REQUEST = ("prune",)
+ON_REQUEST = ("prune", *bench_real.SECTIONS)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -985,12 +865,13 @@ def run_meta(args):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=list(PRESETS),
+    parser.add_argument("--preset", default="small", choices=list(PRESETS) + list(bench_real.PRESETS),
                         help="model size: tiny (seconds), small (6 x 384, block 256), gpt2 (124M, block 1024), "
-                             "gpt2-xl (1.5B, for GPUs)")
-    parser.add_argument("--only", default=",".join(n for n in SECTIONS if n not in ON_REQUEST),
+                             "gpt2-xl (1.5B, for GPUs); smollm2 (SmolLM2-135M's LLaMA shapes), tiny-llama (seconds)")
+    parser.add_argument("--only", default=None,
                         help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)} except "
-                             f"{', '.join(ON_REQUEST)}, which run only when named)")
+                             f"{', '.join(ON_REQUEST)}, which run only when named; with smollm2 and tiny-llama: "
+                             f"{', '.join(bench_real.SECTIONS)})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first rounds (default: the preset's)")
@@ -1010,11 +891,16 @@ def main(argv=None):
         text = render_markdown(args.markdown)
         print(text)
         return text
+    real = args.preset in bench_real.PRESETS
+    args.only = args.only or ",".join(bench_real.SECTIONS if real else [n for n in SECTIONS if n not in ON_REQUEST])
     requested = [n for n in args.only.split(",") if n]
     unknown = [n for n in requested if n not in SECTIONS]
     if unknown or not requested:
         raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(SECTIONS)}")
     names = [n for n in SECTIONS if n in requested]  # always in SECTIONS order
+    if any((n in bench_real.SECTIONS) != real for n in names):
+        raise UserError(f"--only {args.only} with --preset {args.preset}: {', '.join(bench_real.SECTIONS)} run with "
+                        f"--preset {' or '.join(bench_real.PRESETS)}, every other section with a GPT-2 preset")
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in STEP_VARIANTS]
     if unknown:
@@ -1026,13 +912,14 @@ def main(argv=None):
         raise UserError(f"unknown prune method(s) {', '.join(unknown) or '(none given)'}: choose from "
                         f"{', '.join(PRUNE_METHODS)}")
     args.prune_methods = [m for m in PRUNE_METHODS if m in methods]
-    args.preset_name, args.preset = args.preset, PRESETS[args.preset]
+    args.preset_name, args.preset = args.preset, (bench_real.PRESETS if real else PRESETS)[args.preset]
     args.threads = args.preset.threads if args.threads is None else args.threads
     if args.threads < 0:
         raise UserError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the fresh-process measurements use it too
+    args.repeats_given = args.repeats is not None
     args.repeats = args.preset.repeats if args.repeats is None else args.repeats
     args.warmup = args.preset.warmup if args.warmup is None else args.warmup
     if args.repeats < 1 or args.warmup < 0:

@@ -143,6 +143,21 @@ class Hessians:
 
 
 # ------------------------------------------------------------------------------------------------ the model
+# On a CPU the plain block loop runs at most this many tokens per forward: a block's elementwise work (norms,
+# rotary embeddings, the MLP's activation and product) on larger (tokens, width) activations no longer stays in a
+# core's cache, and costs more per token than the published code's one window at a time (bench.py --preset
+# smollm2, BENCHMARKS.md "Real shapes"). Rows do not depend on each other, so only the speed changes.
+CPU_TOKENS_PER_FORWARD = 512
+
+
+def forward_batch(tokens, batch_size, reconstruct):
+    """Windows per block forward: --batch_size, capped on a CPU at CPU_TOKENS_PER_FORWARD tokens (at least one
+    window); with reconstruction --batch_size as given (it is also the reconstruction's step size)."""
+    if reconstruct is not None or tokens.device.type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_TOKENS_PER_FORWARD // tokens.shape[1]))
+
+
 def batches(n, batch_size):
     """Slices of the calibration windows, the same ones at every pass (block arguments are keyed by their size)."""
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
@@ -318,6 +333,7 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
         if tokens is None:
             raise UserError(f"--method {method}{' with --reconstruct' if reconstruct else ''} needs calibration "
                             "data (--calibration FILE)")
+        batch_size = forward_batch(tokens, batch_size, reconstruct)
         x, calls = families.capture_block_inputs(model, tokens, batch_size)
         generator = torch.Generator().manual_seed(reconstruct.seed) if reconstruct else None
         bar = cli.Progress(len(model.blocks), method + (" + reconstruction" if reconstruct else ""), unit="block",
@@ -331,7 +347,10 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
                 row.update(reconstruct_block(model, block, dense, x, calls[i], reconstruct, batch_size, generator))
                 row["reconstruct_seconds"] = round(time.time() - t0, 3)
                 del dense
-            run_block(block, x, calls[i], batch_size)  # the pruned block's outputs feed the next block
+            for _, layer in sparse_layers(block):  # pruned weights zero now: the forward needs no W ⊙ M per batch
+                layer.weight.mul_(layer.mask)
+            with dense_forward(block):
+                run_block(block, x, calls[i], batch_size)  # the pruned block's outputs feed the next block
             row["output_error"] = relative_error(x, dense_out, batch_size)
             del dense_out
             if report is not None:
@@ -339,7 +358,7 @@ def prune_model(model, method, n=2, m=4, sparsity=0.0, tokens=None, batch_size=8
             bar.update()
         bar.close()
     for _, layer in sparse_layers(model):
-        layer.weight.mul_(layer.mask)  # pruned weights exactly zero, whatever the method
+        layer.weight.mul_(layer.mask)  # pruned weights exactly zero, whatever the method (magnitude: not yet)
     return model
 
 
@@ -370,7 +389,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_block_size", "--block_size", type=int, default=0, dest="eval_block_size",
                    help=f"WikiText-2 window and C4 validation sequence length (0 = the model's context, at most "
                         f"{MAX_EVAL_WINDOW}: GPT-2 1024, OPT 2048, LLaMA-2 4096, as Wanda/SparseGPT)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="windows per forward pass (pruning on a CPU without --reconstruct: at most "
+                        f"{CPU_TOKENS_PER_FORWARD} tokens' worth, at least one window)")
     p.add_argument("--reconstruct", type=cli.parse_bool, default=False,
                    help="after pruning each block, train its pruned attention and MLP to reproduce the dense "
                         "submodules' outputs on the calibration windows (local reconstruction, masks fixed)")

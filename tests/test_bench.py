@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bench
+import bench_real
+import sparsity
 from cli import REPO_ROOT, UserError
 from sparsity import SRSTEAdamW, SparseLinear, _keep_top, nm_mask, sparse_layers, sparsify, update_masks
 
@@ -150,7 +152,8 @@ def test_a_target_is_met_or_missed_only_by_the_whole_range_of_rounds():
 
 
 # ---------------------------------------------------------------------------------------------- optimisations
-def test_rank_based_nm_mask_equals_the_stable_sort_with_ties_signed_zeros_infinities_and_nan():
+def test_rank_based_nm_mask_equals_the_stable_sort_with_ties_signed_zeros_infinities_and_nan(monkeypatch):
+    monkeypatch.setattr(sparsity, "RANK_PATH_MIN_GROUPS", 1)  # the rank path for these few groups too
     g = torch.Generator().manual_seed(0)
     values = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, float("inf"), -float("inf"), float("nan")])
     for m in range(1, 9):
@@ -273,3 +276,71 @@ def test_prune_section_times_every_method_per_block_against_one_dense_forward(tm
     some = bench.main(["--preset", "tiny", "--only", "prune", "--repeats", "1", "--warmup", "0",
                        "--prune_methods", "sparsegpt,wanda", "--out", str(tmp_path / "some.json")])["prune"]
     assert [r["what"] for r in some] == ["dense forward of the calibration set", "wanda", "sparsegpt"]
+
+
+# ---------------------------------------------------------------------------------------------- the real shapes
+@pytest.fixture(scope="module")
+def tiny_llama_run(tmp_path_factory):
+    """bench.py --preset tiny-llama: both real-shape sections on a 2-block LLaMA of width 32, one round."""
+    out = tmp_path_factory.mktemp("bench_real") / "tiny_llama.json"
+    results = bench.main(["--preset", "tiny-llama", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert json.load(open(out)) == json.loads(json.dumps(results))
+    return results
+
+
+def test_real_step_times_main_py_steps_on_the_llama_shape_as_ratios_to_the_dense_step(tiny_llama_run):
+    rows = tiny_llama_run["real_step"]
+    assert [r["variant"] for r in rows] == list(bench_real.VARIANTS)
+    timed = [r for r in rows if "skipped" not in r]
+    assert [r["variant"] for r in timed][:3] == ["dense", "masks", "ast_boosted"]
+    if len(timed) == 3:  # a CPU without bf16 instructions says so instead of timing an emulated bf16 teacher
+        assert "avx512_bf16" in rows[-1]["skipped"] and not bench_real.cpu_has_bf16()
+    # 2 blocks of q (32 x 32), k and v (16 x 32 each: 2 kv heads of 8), o (32 x 32), gate and up (64 x 32), down
+    # (32 x 64); 2 windows of 32 tokens per step
+    assert all(r["block_linear_weights"] == 2 * (32 * 32 + 2 * 16 * 32 + 32 * 32 + 3 * 64 * 32) == 18_432
+               and r["tokens"] == 64 for r in timed)
+    dense = timed[0]["median_s"]
+    for row in timed:  # one round: the ratio is the arithmetic of the two recorded seconds (4 places each)
+        assert row["ratio_min"] == row["ratio"] == row["ratio_max"]
+        assert row["ratio"] == pytest.approx(row["median_s"] / dense, abs=5e-5 / dense * (1 + row["ratio"]) + 5e-4)
+        target = bench_real.VARIANTS[row["variant"]].target
+        assert row["met"] == bench.verdict(row["ratio"], row["ratio"], target)
+
+
+def test_real_prune_pairs_each_method_with_the_published_procedure_per_block(tiny_llama_run):
+    rows = tiny_llama_run["real_prune"]
+    assert [r["what"] for r in rows] == [f"{m}, {side}" for m in ("magnitude", "wanda", "sparsegpt")
+                                         for side in ("prune.py", "published")]
+    for row in rows:
+        assert row["seconds_per_block"] == pytest.approx(row["median_s"] / 2, abs=1e-4)
+    for ours, theirs in zip(rows[::2], rows[1::2]):
+        ratio = ours["median_s"] / theirs["median_s"]
+        assert ours["ours_vs_published"] == pytest.approx(ratio, abs=5e-5 / theirs["median_s"] * (1 + ratio) + 5e-4)
+        assert ours["met"] == bench.verdict(ours["ours_vs_published"], ours["ours_vs_published"], 1.0)
+    # the same decisions on both sides: exactly for magnitude (no ties in random weights), all but near-ties for
+    # Wanda's and SparseGPT's statistics, which the two sides accumulate in another order
+    same = {r["what"].split(",")[0]: r["same_decisions"] for r in rows[::2]}
+    assert same["magnitude"] == 1.0 and same["wanda"] > 0.99 and same["sparsegpt"] > 0.99
+
+
+def test_published_statistics_are_running_means_over_windows():
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))  # 3 windows of 5 tokens
+    layer = nn.Linear(8, 4)
+    norms, hessian = bench_real.ColumnNormMean(layer), bench_real.HessianMean(layer)
+    for window in x:
+        norms.add(window.unsqueeze(0))
+        hessian.add(window.unsqueeze(0))
+    torch.testing.assert_close(norms.value, x.pow(2).sum(1).mean(0))
+    torch.testing.assert_close(hessian.value, 2 * torch.einsum("wti,wtj->ij", x, x) / 3)
+
+
+def test_published_group_masks_prune_the_complement_of_nm_mask():
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bench_real.topk_group_mask(scores, 2, 4), ~nm_mask(scores, 2, 4))
+
+
+def test_real_sections_and_gpt2_presets_do_not_mix():
+    with pytest.raises(UserError, match="real_step, real_prune run with --preset smollm2"):
+        bench.main(["--preset", "tiny", "--only", "real_step"])
+    with pytest.raises(UserError, match="every other section with a GPT-2 preset"):
+        bench.main(["--preset", "tiny-llama", "--only", "train_step"])
