@@ -45,11 +45,10 @@ DEFAULT_MODEL = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"  
 # windows, C4 8 x eval_iters windows); curve_*: the cheap evaluations every eval_interval steps drawn as curves;
 # calib x calib_seqlen: the calibration windows of Wanda, SparseGPT and the reconstruction; zeroshot_limit: the first
 # examples of each zero-shot task (0 = all). The default is sized to about 30 minutes on 2 CPU cores (README, Demo).
-# start: where every retraining method starts: "dense" (the paper: the dense weights, masks by magnitude at step 0)
-# or a one-shot method's output (its masks, pruned weights zero). On SmolLM2 the dense start makes AST's first mask
-# recompute swap weights whose magnitudes were tied on the 4-bit grid, which costs more than 30 steps recover
-# (README, "The mask-update spike on a real model"); the one-shot Wanda start has no such ties.
-REAL = dict(kind="pretrained", model="", start="oneshot_wanda", device="cpu", block_size=256, batch_size=4,
+# mask_metric: the retraining methods' mask scores. The paper's is magnitude; on SmolLM2 (weights on a 4-bit grid,
+# 15 % of the 2:4 groups tied) AST's first mask recompute then swaps tied weights, which costs more than 30 steps
+# recover (README, "The mask-update spike on a real model"); Wanda scores |W|·||X|| have no such ties.
+REAL = dict(kind="pretrained", model="", mask_metric="wanda", device="cpu", block_size=256, batch_size=4,
             retrain_iters=30, retrain_lr=1e-4, eval_interval=10, curve_eval_iters=1, curve_ppl_windows=2, eval_block_size=512,
             eval_iters=1, ppl_windows=16, calib=16, calib_seqlen=512, recon_epochs=2, recon_lr=1e-4,
             zeroshot_limit=30, seeds=1)
@@ -59,7 +58,7 @@ PRESETS = {
     # calibration windows of 2048 (Wanda's and SparseGPT's setting), the full zero-shot splits, 3 seeds. Never run
     # here at this size (the tests run it at a tiny scale with --set): no figure of it is reported as measured.
     # It needs more C4 than ../shared/data holds (data/c4_dataset/prepare.py --download 8 gives about 1.4B tokens).
-    "gpu": dict(REAL, start="dense", device="cuda", block_size=1024, batch_size=16, retrain_iters=2000, eval_interval=200,
+    "gpu": dict(REAL, device="cuda", block_size=1024, batch_size=16, retrain_iters=2000, eval_interval=200,
                 curve_eval_iters=4, curve_ppl_windows=16, eval_block_size=2048, eval_iters=40, ppl_windows=0,
                 calib=128, calib_seqlen=2048, recon_epochs=10, zeroshot_limit=0, seeds=3),
     # Toy presets: the teacher's shape and pretraining; retrain: the budget every trained method gets (same for all
@@ -168,9 +167,8 @@ class Demo:
             raise UserError("--seeds and --threads must be at least 1, --jobs at least 0 (0 = one per CPU)")
         self.toy = self.p["kind"] == "toy"
         self.methods = TOY_METHODS if self.toy else REAL_METHODS
-        oneshot = [m for m, (kind, _) in self.methods.items() if kind == "prune"]
-        if self.p.get("start", "dense") not in ("dense", *oneshot):
-            raise UserError(f"--set start={self.p['start']}: expected dense or one of {', '.join(oneshot)}")
+        if self.p.get("mask_metric", "magnitude") not in ("magnitude", "wanda"):
+            raise UserError(f"--set mask_metric={self.p['mask_metric']}: expected magnitude or wanda")
         self.labels = dict(LABELS)
         self.threads, self.jobs = args.threads, args.jobs or cpu_count()
         self.seeds = [args.seed + i for i in range(seeds)]
@@ -394,32 +392,34 @@ class Demo:
         iters = p["retrain_iters"]
         fill = {"prune_end": max(2 * iters // 3, 1), "ramp": max(iters // 4, 1), "seed": self.args.seed,
                 "recon_lr": p.get("recon_lr"), "recon_epochs": p.get("recon_epochs")}
-        start, first, jobs = p.get("start", "dense"), [], []  # first: the one-shot model retraining starts from
+        jobs = []
         for name, (kind, flags) in self.methods.items():
             flags = [f.format(**fill) for f in flags]
             if kind == "prune":
                 cost = 0 if self.toy else {"magnitude": 0}.get(flags[1], 1 + ("--reconstruct" in flags))
-                job = (cost, lambda name=name, flags=flags: self.curve_reference(
-                    name, f"{self.prune(name, flags, teacher)}/model.pt"))
-                (first if name == start else jobs).append(job)
+                jobs.append((cost, lambda name=name, flags=flags: self.curve_reference(
+                    name, f"{self.prune(name, flags, teacher)}/model.pt")))
                 continue
             for seed, d in self.runs(name):
                 cmd = self.py("main.py", "--student_model", teacher, "--teacher_model", teacher,
-                              *self.init_flags(d, self.start_model()), *flags,
+                              *self.init_flags(d, ""), *flags, *self.mask_flags(),
                               *self.train_flags(iters, p["retrain_lr"], d, seed))
                 cost = (2 if self.toy else 3) if "--distill_model" in flags else (1 if self.toy else 2)
                 jobs.append((cost, lambda name=name, seed=seed, cmd=cmd, d=d:
                              self.stage(f"{name}_seed{seed}", cmd, f"{d}/results.json")))
         jobs.append((0, lambda: self.curve_reference("teacher", teacher)))
         if not self.toy:
-            (first if first else jobs).append((0, lambda: self.dense_eval(teacher)))
-        for phase in (first, jobs):  # the start first (beside the dense evaluation), then the rest
-            self.parallel([job for _, job in sorted(phase, key=lambda j: -j[0])])
+            jobs.append((0, lambda: self.dense_eval(teacher)))
+        self.parallel([job for _, job in sorted(jobs, key=lambda j: -j[0])])
 
-    def start_model(self):
-        """main.py --init_from of the retraining runs: "" (the --student_model, dense) or a one-shot checkpoint."""
-        start = self.p.get("start", "dense")
-        return "" if start == "dense" else f"{self.run_dir(start)}/model.pt"
+    def mask_flags(self):
+        """Real models: the retraining's mask scores (Wanda: from the demo's calibration windows, cut to the
+        training window)."""
+        if self.toy:
+            return []
+        if self.p["mask_metric"] == "magnitude":
+            return ["--mask_metric", "magnitude"]
+        return ["--mask_metric", "wanda", "--calibration", f"{self.data}/calibration.pt"]
 
     def curve_reference(self, name, model):
         """The teacher or a one-shot model evaluated as the curves are (curve_eval_iters C4 batches, the first

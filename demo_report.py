@@ -174,10 +174,9 @@ def header(summary):
                 "threads per process and the teacher's ranks are part of the recipe: they change the last digits); "
                 "other CPUs differ (README, \"Demo\").", ""]
     one = len(seeds) == 1
-    start = s.get("start", "dense")
-    origin = ("every method from the same dense model" if start == "dense" else
-              f"one-shot methods from the dense model, every retraining method from the same one-shot model "
-              f"(`{start}`: its masks, pruned weights zero)")
+    metric = s.get("mask_metric", "magnitude")
+    origin = (f"every method from the same dense model (the retraining methods' 2:4 masks by {metric} scores"
+              + (", from the calibration windows" if metric == "wanda" else "") + ")")
     return [f"Preset `{summary['preset']}`: {summary['model_name']}, {origin}. "
             f"Retraining seed{'' if one else 's'} {', '.join(map(str, seeds))}"
             + (" (one draw: a difference between two retrained rows is a claim only beyond the seed spread, which "
