@@ -99,6 +99,13 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4, ties: str = "high") ->
     return _keep_top(groups, n, ties).reshape(scores.shape)
 
 
+def boundary_ties(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """(..., in/m) bool: the group's n-th and (n+1)-th largest scores are equal, so the tie rule alone decides
+    which of them nm_mask keeps."""
+    top = scores.reshape(*scores.shape[:-1], -1, m).sort(dim=-1, descending=True).values
+    return top[..., n - 1] == top[..., n]
+
+
 def partial_nm_mask(scores: torch.Tensor, n: int, m: int, fraction: float, ties: str = "high") -> torch.Tensor:
     """Prune only `fraction` of what the N:M mask prunes: the lowest-scoring of those weights in the tensor.
 

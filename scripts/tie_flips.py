@@ -17,12 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # noqa: E402
 from checkpoint import unpack_masks  # noqa: E402
-
-
-def tied_groups(weight, n, m):
-    """(out, in/m) bool: the n-th and (n+1)-th largest |W| of the group are equal."""
-    top = weight.abs().reshape(weight.shape[0], -1, m).sort(-1, descending=True).values
-    return top[..., n - 1] == top[..., n]
+from sparsity import boundary_ties  # noqa: E402
 
 
 def main(argv=None):
@@ -43,7 +38,7 @@ def main(argv=None):
         name = next((k for k in dense if k.endswith(suffix)), None)
         if name is None:
             raise cli.UserError(f"{args.dense} has no weight for {layer}: pass the run's starting model")
-        t = tied_groups(dense[name].float(), args.n, args.m)
+        t = boundary_ties(dense[name].float().abs(), args.n, args.m)
         c = (state[layer + ".mask"] != state[key]).reshape(t.shape[0], -1, args.m).any(-1)
         tied, changed, tied_changed, total = tied + t.sum().item(), changed + c.sum().item(), \
             tied_changed + (t & c).sum().item(), total + t.numel()

@@ -22,7 +22,7 @@ from checkpoint import load_model  # noqa: E402
 from data.loader import check_wikitext, load_wikitext_tokens  # noqa: E402
 from evaluate import eval_window, wikitext_perplexity  # noqa: E402
 from families import sparse_filter  # noqa: E402
-from sparsity import nm_mask, sparse_layers, sparsify  # noqa: E402
+from sparsity import boundary_ties as group_ties, nm_mask, sparse_layers, sparsify  # noqa: E402
 
 
 def keep_mask(weight, rule, n=2, m=4, generator=None):
@@ -46,9 +46,8 @@ def boundary_ties(layers, n=2, m=4):
     """Share of the n:m groups whose n-th and (n+1)-th largest |W| are equal."""
     ties = total = 0
     for layer in layers:
-        top = layer.weight.detach().abs().reshape(-1, m).sort(dim=1, descending=True).values
-        ties += int((top[:, n - 1] == top[:, n]).sum())
-        total += top.shape[0]
+        tied = group_ties(layer.weight.detach().abs(), n, m)
+        ties, total = ties + int(tied.sum()), total + tied.numel()
     return ties / total
 
 

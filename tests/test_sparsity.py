@@ -333,3 +333,12 @@ def test_expert_weights_are_masked_per_expert_in_their_owners_forward_and_srste_
     assert torch.equal(w1[0][want[0]], w0[0][want[0]])
     assert (w1[0][~want[0]].abs() < w0[0][~want[0]].abs()).all()
     assert not torch.equal(w1[1][want[1]], w0[1][want[1]])  # expert 1 got the loss gradient
+
+
+def test_boundary_ties_marks_groups_whose_nth_and_next_scores_are_equal():
+    from sparsity import boundary_ties
+
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.1, 0.8, 0.7, 0.1, 0.1], [1.0, 1.0, 1.0, 0.0, 4.0, 3.0, 2.0, 1.0]])
+    assert boundary_ties(scores, 2, 4).tolist() == [[True, False], [True, False]]
+    assert boundary_ties(scores, 1, 4).tolist() == [[False, False], [True, False]]
+    assert boundary_ties(scores, 3, 4).tolist() == [[False, True], [False, False]]
