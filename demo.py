@@ -440,40 +440,37 @@ class Demo:
         return d
 
     # ------------------------------------------------------------------ text and zero-shot
+    def sample_path(self, key):
+        return f"{self.out}/samples/{key}.json"
+
+    def sample_job(self, key, teacher, prompts, settings, device):
+        """One sample.py run: the model of `key` continues every prompt with the settings (num_samples, ...)."""
+        out = self.sample_path(key)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        cmd = self.py("sample.py", "--model", self.model_path(key, teacher), *sum((["--start", q] for q in prompts), []),
+                      *sum(([f"--{k}", v] for k, v in settings.items()), []), "--device", device,
+                      "--num_threads", self.threads, "--out", out)
+        return lambda: self.stage(f"sample_{key}", cmd, out)
+
     def sample_texts(self, teacher):
         """Toy presets: sampled continuations of one prompt from the teacher, one-shot magnitude and AST-Boosted."""
-        s, jobs = SAMPLES, []
-        for key, _ in SAMPLE_MODELS:
-            out = f"{self.out}/samples/{key}.json"
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            cmd = self.py("sample.py", "--model", self.model_path(key, teacher), "--start", s["prompt"],
-                          "--num_samples", s["num_samples"], "--max_new_tokens", s["max_new_tokens"], "--temperature",
-                          s["temperature"], "--top_k", s["top_k"], "--seed", s["seed"], "--device", "cpu",
-                          "--num_threads", self.threads, "--out", out)
-            jobs.append(lambda key=key, cmd=cmd, out=out: self.stage(f"sample_{key}", cmd, out))
-        self.parallel(jobs)
-        return [(label, json.load(open(f"{self.out}/samples/{key}.json"))) for key, label in SAMPLE_MODELS]
+        settings = {k: v for k, v in SAMPLES.items() if k != "prompt"}
+        self.parallel([self.sample_job(key, teacher, [SAMPLES["prompt"]], settings, "cpu") for key, _ in SAMPLE_MODELS])
+        return [(label, json.load(open(self.sample_path(key)))) for key, label in SAMPLE_MODELS]
 
     def greedy_jobs(self, teacher):
         """Real models: every row's model continues PROMPTS greedily (one sample.py per model)."""
-        g, jobs = GREEDY, []
-        for key in ["teacher", *self.methods]:
-            out = f"{self.out}/samples/{key}.json"
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            cmd = self.py("sample.py", "--model", self.model_path(key, teacher), *sum((["--start", q] for q in PROMPTS),
-                                                                                      []),
-                          "--num_samples", g["num_samples"], "--max_new_tokens", g["max_new_tokens"],
-                          "--temperature", g["temperature"], "--top_k", g["top_k"], "--seed", g["seed"], "--device",
-                          self.p["device"], "--num_threads", self.threads, "--out", out)
-            jobs.append(lambda key=key, cmd=cmd, out=out: self.stage(f"sample_{key}", cmd, out))
-        return jobs
+        return [self.sample_job(key, teacher, PROMPTS, GREEDY, self.p["device"]) for key in ["teacher", *self.methods]]
+
+    def zeroshot_path(self, key):
+        return f"{self.out}/teacher_zeroshot.json" if key == "teacher" else f"{self.runs(key)[0][1]}/zeroshot.json"
 
     def zeroshot_jobs(self, teacher, keys):
         """zeroshot.py (the first zeroshot_limit examples of each of the seven tasks; 0 = all) on the models of
         `keys` (a trained method: its first seed)."""
         jobs = []
         for key in keys:
-            out = f"{self.out}/teacher_zeroshot.json" if key == "teacher" else f"{self.runs(key)[0][1]}/zeroshot.json"
+            out = self.zeroshot_path(key)
             cmd = self.py("zeroshot.py", "--model", self.model_path(key, teacher), "--limit",
                           self.p["zeroshot_limit"], "--device", self.p.get("device", "cpu"), "--num_threads",
                           self.threads, "--out", out)
@@ -486,8 +483,7 @@ class Demo:
 
         runs = {}
         for key in keys:
-            out = f"{self.out}/teacher_zeroshot.json" if key == "teacher" else f"{self.runs(key)[0][1]}/zeroshot.json"
-            with open(out) as f:
+            with open(self.zeroshot_path(key)) as f:
                 runs[key] = json.load(f)["zeroshot"]
         md = zeroshot_markdown(runs, self.p["zeroshot_limit"], self.labels, self.timings, ZEROSHOT_COLUMNS)
         with open(f"{self.out}/results.md", "a") as f:
@@ -633,7 +629,7 @@ def run_real(demo, args):
     demo.run_methods(model)
     keys = ["teacher", demo.best_oneshot(), "ast_boosted"] if args.zeroshot is not False else []
     demo.parallel([*demo.zeroshot_jobs(model, keys), *demo.greedy_jobs(model)])
-    summary = demo.table([(demo.labels[key], json.load(open(f"{demo.out}/samples/{key}.json")))
+    summary = demo.table([(demo.labels[key], json.load(open(demo.sample_path(key))))
                           for key in ["teacher", *demo.methods]])
     if keys:
         summary["zeroshot"] = demo.zeroshot_table(keys)
