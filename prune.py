@@ -146,7 +146,8 @@ class Hessians:
 # On a CPU the plain block loop runs at most this many tokens per forward: a block's elementwise work (norms,
 # rotary embeddings, the MLP's activation and product) on larger (tokens, width) activations no longer stays in a
 # core's cache, and costs more per token than the published code's one window at a time (bench.py --preset
-# smollm2, BENCHMARKS.md "Real shapes"). Rows do not depend on each other, so only the speed changes.
+# smollm2, BENCHMARKS.md "Real shapes"). A window's outputs do not depend on the batch, but the Wanda statistics
+# and SparseGPT Hessians are summed in another order, so masks can differ where scores are within rounding.
 CPU_TOKENS_PER_FORWARD = 512
 
 
