@@ -49,9 +49,9 @@ DEFAULT_MODEL = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"  
 # 15 % of the 2:4 groups tied) AST's first mask recompute then swaps tied weights, which costs more than 30 steps
 # recover (README, "The mask-update spike on a real model"); Wanda scores |W|·||X|| have no such ties.
 REAL = dict(kind="pretrained", model="", mask_metric="wanda", device="cpu", block_size=256, batch_size=4,
-            retrain_iters=30, retrain_lr=1e-4, eval_interval=10, curve_eval_iters=1, curve_ppl_windows=2, eval_block_size=512,
-            eval_iters=1, ppl_windows=16, calib=16, calib_seqlen=512, recon_epochs=2, recon_lr=1e-4,
-            zeroshot_limit=30, seeds=1)
+            retrain_iters=27, retrain_lr=1e-4, eval_interval=10, curve_eval_iters=1, curve_ppl_windows=2, eval_block_size=512,
+            eval_iters=1, ppl_windows=16, calib=16, calib_seqlen=512, recon_epochs=1, recon_lr=1e-4,
+            zeroshot_limit=20, seeds=1)
 PRESETS = {
     "default": REAL,
     # One GPU: 2,000 steps of 16 x 1024 tokens (33M tokens per method), the full WikiText-2 test set at 2048, 128
