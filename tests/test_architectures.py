@@ -5,7 +5,8 @@ ours names. For each, one test: logits equal transformers' before sparsify; the 
 block linears written out below; Wanda and SparseGPT run block by block; the export of a pruned model reloads in
 the same class, every block linear exactly N:M, with the same logits; a short AST-Boosted run with distillation
 lowers the validation loss, scores one zero-shot task and exports; greedy sampling matches transformers'. Then
-Granite's scaled head, what only mixture-of-experts models have, the one-line refusals and the README's table."""
+Granite's scaled head, what only mixture-of-experts models have, the one-line refusals and docs/families.md's
+table."""
 import json
 import os
 
@@ -286,7 +287,7 @@ def test_block_linears_that_cannot_be_grouped_name_the_layer_and_the_input_dimen
 
 
 
-# --------------------------------------------------------------------------------------------- the README's table
+# ---------------------------------------------------------------------------------------- docs/families.md's table
 # Where each architecture was checked: every one on tiny random weights here. The real-model issue flips an
 # entry to name the pretrained model it checks (SmolLM2 for the LLaMA layout).
 CHECKED_ON = {arch: "random tiny only" for arch in ["gpt2", "opt", "mistral", "qwen2", *ARCHS]}
@@ -328,14 +329,14 @@ def family_table(folders):
     return "\n".join(rows)
 
 
-def test_readme_family_table_is_what_the_code_finds(arch_folders, family_models, tiny_models):
+def test_docs_family_table_is_what_the_code_finds(arch_folders, family_models, tiny_models):
     folders = {"gpt2": tiny_models["student"], "opt": family_models["opt"]["student"], "llama": arch_folders["llama"],
                **{f: family_models[f]["student"] for f in ("mistral", "qwen2")}, **arch_folders}
     want = family_table(folders)
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    start = readme.index("| `model_type` | runs as | made sparse")
-    got = readme[start:readme.index("\n\n", start)]
-    assert got == want, "README.md's family table should read:\n" + want
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "families.md")).read()
+    start = page.index("| `model_type` | runs as | made sparse")
+    got = page[start:page.index("\n\n", start)]
+    assert got == want, "docs/families.md's family table should read:\n" + want
 
 
 def hf_model(model_type, **overrides):

@@ -211,10 +211,10 @@ def test_empty_wikitext_dir_trains_without_perplexity_and_the_same_c4_loss(tiny_
     assert any("val_loss" in r and r["wikitext_ppl"] is None for r in rows)
 
 
-def test_readme_flag_table_is_generated_from_the_dataclass():
-    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
-    assert flag_table_markdown() in readme, "regenerate the README flag table: python -c 'import config; " \
-                                            "print(config.flag_table_markdown())'"
+def test_docs_flag_table_is_generated_from_the_dataclass():
+    page = open(os.path.join(REPO_ROOT, "docs", "flags.md")).read()
+    assert flag_table_markdown() in page, "regenerate the flag table of docs/flags.md: python -c 'import config; " \
+                                          "print(config.flag_table_markdown())'"
 
 
 def test_lr_schedule_warmup_cosine_and_tail():

@@ -16,7 +16,7 @@ from config import FIELDS, TrainConfig, parse_config
 from conftest import REPO_ROOT
 
 # (published flag, published default, our flag, why ours differs: '' when it does not). Our default is read from
-# TrainConfig and must equal the published one unless a reason is given (and the README's table lists it).
+# TrainConfig and must equal the published one unless a reason is given (and docs/differences.md lists it).
 PUBLISHED_FLAGS = [
     ("distill_model", False, "distill_model", ""),
     ("teacher_model", "gpt2", "teacher_model", ""),
@@ -101,6 +101,10 @@ def readme():
     return open(os.path.join(REPO_ROOT, "README.md")).read()
 
 
+def differences_page():
+    return open(os.path.join(REPO_ROOT, "docs", "differences.md")).read()
+
+
 @pytest.mark.parametrize("published, value, ours, why", FACTS, ids=[f[0] for f in FACTS])
 def test_our_default_is_the_published_one_or_a_documented_fix(published, value, ours, why):
     default = FIELDS[ours].default
@@ -118,10 +122,8 @@ def test_every_published_flag_has_a_flag_here_and_the_table_covers_them_all():
     assert parse_config(["--output_flip_every", "7"]).mask_update_interval == 7  # the published name works
 
 
-def test_readme_differences_table_lists_every_different_default_with_its_reason():
-    text = readme()
-    table = text[text.index("### Deliberate differences"):]
-    table = table[:table.index("\n## ")]
+def test_docs_differences_table_lists_every_different_default_with_its_reason():
+    table = differences_page()
     for _, value, ours, why in FACTS:
         if why:
             row = next(line for line in table.splitlines() if line.startswith(f"| `--{ours}`"))
