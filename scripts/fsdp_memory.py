@@ -1,10 +1,10 @@
-"""Memory per rank of AST training state, DDP vs FSDP, by calculation (the README's LLaMA-2-7B table).
+"""Memory per rank of AST training state, DDP vs FSDP, by calculation (docs/scaling.md's LLaMA-2-7B table).
 
     python scripts/fsdp_memory.py                       # LLaMA-2-7B, 8 ranks, SLoRB k=16 trainable
     python scripts/fsdp_memory.py --ranks 16 --slorb_k 0
 
 fp32 weights, fp32 gradients, AdamW's two fp32 moments, a bool mask and initial mask per masked weight, a bf16
-teacher of the student's size. Activations and the block being gathered are not included (see README).
+teacher of the student's size. Activations and the block being gathered are not included (see docs/scaling.md).
 """
 import argparse
 

@@ -1,5 +1,5 @@
 """Which mask changes of a training run sit in N:M groups that were tied at the boundary in the dense weights
-(README, "The mask-update spike on a real model").
+(docs/ties.md, "The mask-update spike on a real model").
 
     python scripts/tie_flips.py out/spike/change/ckpt.pt out/smollm2/model.safetensors
 

@@ -1,5 +1,5 @@
 """How much the N:M tie rule matters: one-shot 2:4 magnitude pruning of a model under several tie rules, each
-evaluated on the same WikiText-2 windows (README, "Ties at the N:M boundary").
+evaluated on the same WikiText-2 windows (docs/ties.md, "Ties at the N:M boundary").
 
     python data/wikitext/prepare.py --tokenizer MODEL --input ../shared/data/wikitext2 --out_dir data/wikitext_M
     python scripts/tie_rules.py --model MODEL --wikitext_dir data/wikitext_M --windows 32 --eval_block_size 1024

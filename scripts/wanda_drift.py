@@ -1,6 +1,6 @@
 """Our Wanda (prune.py) against the published Wanda code on the same calibration windows: WikiText-2 perplexity of
-each side and the share of weights that one side keeps and the other prunes, block by block (README, "Wanda
-against its published code").
+each side and the share of weights that one side keeps and the other prunes, block by block (docs/oneshot.md,
+"Wanda against its published code").
 
     git clone https://github.com/locuslab/wanda PATH/wanda      # the published code; nothing of it is copied here
     python scripts/wanda_drift.py --model MODEL --calibration C0.pt C1.pt C2.pt --published_dir PATH/wanda \
