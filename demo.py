@@ -1,6 +1,6 @@
 """The paper's experiment on a real pretrained model, offline on a CPU: one command from raw text to both tables.
 
-    python demo.py                      # SmolLM2-135M-Instruct, every method, ~30 min on 2 cores (README, "Demo")
+    python demo.py                      # SmolLM2-135M-Instruct, every method, 28 min on 2 cores (docs/demo.md)
     python demo.py --seeds 3            # three retraining seeds (claims beyond the seed spread), ~3x the training
     python demo.py --preset gpu         # the same experiment sized for one GPU (tens of millions of tokens)
     python demo.py --preset toy         # the toy experiment: a small GPT-2 teacher pretrained here, 3 seeds
@@ -21,7 +21,7 @@ method once per seed, with the mean and spread over seeds and the paired differe
 Every stage is a public command (printed before it runs, written at the top of its log); a finished stage is
 skipped on the next run and an interrupted training stage resumes from its checkpoint. Stages run with --threads
 torch threads (default 1), --jobs at a time (default: one per CPU): two threads of one process busy-wait on each
-other when another program holds a core; one-thread processes only share the CPUs (README, "Demo").
+other when another program holds a core; one-thread processes only share the CPUs (docs/demo.md, "Threads: one per process").
 """
 import concurrent.futures
 import glob
@@ -44,10 +44,10 @@ DEFAULT_MODEL = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"  
 # them for every retrained method; eval_block_size: the evaluation window of every row (WikiText-2 ppl_windows
 # windows, C4 8 x eval_iters windows); curve_*: the cheap evaluations every eval_interval steps drawn as curves;
 # calib x calib_seqlen: the calibration windows of Wanda, SparseGPT and the reconstruction; zeroshot_limit: the first
-# examples of each zero-shot task (0 = all). The default is sized to about 30 minutes on 2 CPU cores (README, Demo).
+# examples of each zero-shot task (0 = all). The default is sized to fit 30 minutes on 2 CPU cores (README, "The real-model table").
 # mask_metric: the retraining methods' mask scores. The paper's is magnitude; on SmolLM2 (weights on a 4-bit grid,
 # 15 % of the 2:4 groups tied) AST's first mask recompute then swaps tied weights, which costs more than 30 steps
-# recover (README, "The mask-update spike on a real model"); Wanda scores |W|·||X|| have no such ties.
+# recover (docs/ties.md, "The mask-update spike on a real model"); Wanda scores |W|·||X|| have no such ties.
 REAL = dict(kind="pretrained", model="", mask_metric="wanda", device="cpu", block_size=256, batch_size=4,
             retrain_iters=27, retrain_lr=1e-4, eval_interval=10, curve_eval_iters=1, curve_ppl_windows=2, eval_block_size=512,
             eval_iters=1, ppl_windows=16, calib=16, calib_seqlen=512, recon_epochs=1, recon_lr=1e-4,
@@ -68,7 +68,7 @@ PRESETS = {
                  teacher_lr=3e-3, retrain_iters=4, retrain_lr=1e-3, eval_interval=2, curve_eval_iters=1,
                  curve_ppl_windows=2, eval_iters=2, ppl_windows=4, calib=8, teacher_ranks=1, zeroshot_limit=2,
                  seeds=3),
-    # Sized on the 2-core development CPU (README, "Demo", sizing table). The lm_head over GPT-2's 50257 tokens
+    # Sized on the 2-core development CPU (docs/demo.md, "Time", sizing table). The lm_head over GPT-2's 50257 tokens
     # costs the same whatever the blocks are, so a narrow teacher with several blocks is the cheap way to make the
     # blocks matter: after 1.5M tokens one-shot 2:4 magnitude pruning costs 8 x 32 blocks 56 % in perplexity,
     # 12 x 32 34 %, 4 x 32 29 %, 4 x 64 16 %; 12 x 32 after 0.5M tokens only 14 %.
@@ -95,7 +95,7 @@ TOY_METHODS = {
     "oneshot_magnitude": ("prune", ["--method", "magnitude"]),
     "oneshot_wanda": ("prune", ["--method", "wanda"]),
     # local reconstruction at 3e-3: of 1e-4, 1e-3, 3e-3 (10 epochs) and 1e-3 (20 epochs), the best C4 validation
-    # loss on this teacher over 5 calibration seeds (README, "One-shot baselines on every family")
+    # loss on this teacher over 5 calibration seeds (docs/oneshot.md)
     "oneshot_wanda_recon": ("prune", ["--method", "wanda", "--reconstruct", "True", "--recon_lr", "3e-3",
                                       "--seed", "{seed}"]),
     "oneshot_sparsegpt": ("prune", ["--method", "sparsegpt"]),
@@ -575,7 +575,7 @@ def reading(summary):
 def main(argv=None):
     p = cli.ArgumentParser(prog="demo.py", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="default: SmolLM2-135M-Instruct, about 30 min on 2 CPU cores (README, Demo); gpu: the same "
+                   help="default: SmolLM2-135M-Instruct, about 28 min on 2 CPU cores (README, \"The real-model table\"); gpu: the same "
                         "experiment sized for one GPU; toy: a GPT-2 teacher pretrained here, 3 seeds; toy_full: 2x its "
                         "pretraining, 4x its retraining; tiny: the toy in seconds, for tests")
     p.add_argument("--out_dir", default="out/demo", help="everything goes here; rerunning reuses finished stages")
@@ -585,7 +585,7 @@ def main(argv=None):
                                                        "retraining seed")
     p.add_argument("--seeds", type=int, default=None, help="retraining seeds per method: --seed, --seed + 1, ... "
                                                            "(default: the preset's, 1 for default, 3 otherwise)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per stage (README, \"Demo\": why 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per stage (docs/demo.md, \"Threads: one per process\")")
     p.add_argument("--jobs", type=int, default=0, help="stages run at a time (0 = one per CPU)")
     p.add_argument("--quiet", action="store_true", help="only print the commands and the table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -172,7 +172,7 @@ def header(summary):
                 f"{100 * summary['oneshot_magnitude_gap']:.1f} % perplexity against the teacher.", "",
                 machine_line + " The numbers are identical on the same CPU type whatever the load and --jobs (the "
                 "threads per process and the teacher's ranks are part of the recipe: they change the last digits); "
-                "other CPUs differ (README, \"Demo\").", ""]
+                "other CPUs differ (docs/demo.md).", ""]
     one = len(seeds) == 1
     metric = s.get("mask_metric", "magnitude")
     origin = (f"every method from the same dense model (the retraining methods' 2:4 masks by {metric} scores"

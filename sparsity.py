@@ -86,7 +86,7 @@ def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4, ties: str = "high") ->
 
     Ties are common where weights sit on a grid (a model dequantised from 4 bits: 15 % of SmolLM2's 2:4 groups
     tie at the boundary), and the rule alone moves one-shot magnitude perplexity by almost 2x there: 'high'
-    measured best of the rules tried (README, "Ties at the N:M boundary")."""
+    measured best of the rules tried (docs/ties.md, "Ties at the N:M boundary")."""
     check_pattern(n, m, scores.shape[-1])
     if ties not in TIE_RULES:
         raise ValueError(f"unknown tie rule {ties!r}: choose one of {', '.join(TIE_RULES)}")
